@@ -1,0 +1,9 @@
+//! vhost-pump: a vhost-user virtio-net backend that serves a VM's network from a host tap (or,
+//! later, AF_PACKET) port. The device data path lives in the `vhost-net-backend` crate; this
+//! package holds the host ports, the vhost-user socket handling and the command line.
+
+pub mod cli;
+pub mod netdev;
+pub mod relay;
+pub mod server;
+pub mod tap;

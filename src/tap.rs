@@ -1,0 +1,346 @@
+//! The tap host port: a Linux tap device (created or attached by name) with one queue fd per
+//! queue pair, virtio-net headers on every frame, and offloads programmed from the guest's choice.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+
+use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue};
+
+use crate::netdev::{self, IfName};
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+// ioctl request numbers from <linux/if_tun.h> (_IOW('T', n, int) and friends).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
+
+/// Most iovecs one readv/writev takes (Linux UIO_MAXIOV).
+const MAX_IOV: usize = 1024;
+
+/// Errors opening or configuring a tap.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// /dev/net/tun could not be opened.
+    #[error("cannot open {TUN_PATH}: {0} (is the tun module loaded and the device node present?)")]
+    OpenTun(#[source] io::Error),
+    /// TUNSETIFF failed.
+    #[error("cannot attach to tap {name}: {source}{hint}")]
+    Attach {
+        /// Interface name.
+        name: String,
+        /// Cause.
+        source: io::Error,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// An ioctl on the tap failed.
+    #[error("cannot configure tap {name} ({what}): {source}")]
+    Configure {
+        /// Interface name.
+        name: String,
+        /// Which setting.
+        what: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The interface name is invalid.
+    #[error(transparent)]
+    Name(#[from] netdev::NameError),
+    /// Reading or setting link state failed.
+    #[error(transparent)]
+    Link(#[from] netdev::LinkError),
+}
+
+/// A tap device with `queues` queue fds.
+pub struct TapPort {
+    name: IfName,
+    ctl: OwnedFd,
+    queues: Mutex<Vec<Option<OwnedFd>>>,
+    caps: HostCapabilities,
+    mtu: u16,
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: these tun ioctls take an integer argument by value and touch no user memory.
+    let r = unsafe { libc::ioctl(fd, req, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn ioctl_int_ptr(fd: RawFd, req: libc::c_ulong, arg: &libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid for the call.
+    let r = unsafe { libc::ioctl(fd, req, arg as *const libc::c_int) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl TapPort {
+    /// Attaches to tap `name` or creates it (in the current network namespace) with `queues`
+    /// queues, brings it up, and applies `mtu` when given. Without `mtu`, the device's MTU is used.
+    pub fn open(name: &str, queues: usize, mtu: Option<u16>) -> Result<Self, TapError> {
+        let ifname = IfName::new(name)?;
+        let existed = netdev::exists(&ifname);
+        let mut fds = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            fds.push(Self::open_queue(&ifname, queues > 1)?);
+        }
+        let ctl = fds[0].try_clone().map_err(|source| TapError::Configure {
+            name: name.into(),
+            what: "dup",
+            source,
+        })?;
+        let port = TapPort {
+            name: ifname.clone(),
+            caps: HostCapabilities {
+                uso: ioctl_int(
+                    ctl.as_raw_fd(),
+                    TUNSETOFFLOAD,
+                    libc::c_ulong::from(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6),
+                )
+                .is_ok(),
+            },
+            ctl,
+            queues: Mutex::new(fds.into_iter().map(Some).collect()),
+            mtu: 0,
+        };
+        // Until the guest says otherwise, the tap hands us plain, checksummed frames.
+        port.set_offload_flags(0)?;
+        port.set_hdr_len(12)?;
+        if let Some(m) = mtu {
+            netdev::set_mtu(&ifname, m)?;
+        }
+        netdev::set_up(&ifname)?;
+        let mtu = netdev::mtu(&ifname)?;
+        tracing::info!(tap = name, existed, queues, mtu, uso = port.caps.uso, "tap ready");
+        Ok(TapPort { mtu, ..port })
+    }
+
+    /// The MTU the device has now.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    fn open_queue(name: &IfName, multi_queue: bool) -> Result<OwnedFd, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(TUN_PATH)
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        if multi_queue {
+            req.flags |= IFF_MULTI_QUEUE;
+        }
+        for (d, s) in req.name.iter_mut().zip(name.as_cstr().to_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReqFlags has its layout and size
+        // (16-byte name, then the flags union padded to 24 bytes) and lives for the call.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) };
+        if r < 0 {
+            let source = io::Error::last_os_error();
+            let hint = match source.raw_os_error() {
+                Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN)",
+                Some(libc::EINVAL) => {
+                    " (an existing tap must match the queue mode: multi_queue exactly when --queues > 1)"
+                }
+                Some(libc::EBUSY) => " (the tap is already attached by another process)",
+                _ => "",
+            };
+            return Err(TapError::Attach {
+                name: name.as_str().into(),
+                source,
+                hint,
+            });
+        }
+        Ok(file.into())
+    }
+
+    fn set_offload_flags(&self, flags: libc::c_uint) -> Result<(), TapError> {
+        ioctl_int(
+            self.ctl.as_raw_fd(),
+            TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+        .map_err(|source| TapError::Configure {
+            name: self.name.as_str().into(),
+            what: "TUNSETOFFLOAD",
+            source,
+        })
+    }
+
+    fn set_hdr_len(&self, len: libc::c_int) -> Result<(), TapError> {
+        ioctl_int_ptr(self.ctl.as_raw_fd(), TUNSETVNETHDRSZ, &len).map_err(|source| {
+            TapError::Configure {
+                name: self.name.as_str().into(),
+                what: "TUNSETVNETHDRSZ",
+                source,
+            }
+        })
+    }
+}
+
+/// Maps the guest's receive offloads to TUNSETOFFLOAD flags.
+pub fn tun_offload_flags(o: GuestOffloads, caps: HostCapabilities) -> libc::c_uint {
+    let mut f = 0;
+    if o.csum {
+        f |= TUN_F_CSUM;
+        if o.tso4 {
+            f |= TUN_F_TSO4;
+        }
+        if o.tso6 {
+            f |= TUN_F_TSO6;
+        }
+        if o.tso_ecn && (o.tso4 || o.tso6) {
+            f |= TUN_F_TSO_ECN;
+        }
+        if caps.uso && o.uso4 {
+            f |= TUN_F_USO4;
+        }
+        if caps.uso && o.uso6 {
+            f |= TUN_F_USO6;
+        }
+    }
+    f
+}
+
+impl HostPort for TapPort {
+    fn capabilities(&self) -> HostCapabilities {
+        self.caps
+    }
+
+    fn configure(&self, vnet_hdr_len: usize, offloads: GuestOffloads) -> io::Result<()> {
+        let len = libc::c_int::try_from(vnet_hdr_len)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.set_hdr_len(len).map_err(io::Error::other)?;
+        self.set_offload_flags(tun_offload_flags(offloads, self.caps))
+            .map_err(io::Error::other)
+    }
+
+    fn take_queue(&self, pair: usize) -> io::Result<Box<dyn HostQueue>> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = queues
+            .get_mut(pair)
+            .and_then(Option::take)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such tap queue"))?;
+        Ok(Box::new(TapQueue { fd }))
+    }
+}
+
+/// One tap queue fd.
+pub struct TapQueue {
+    fd: OwnedFd,
+}
+
+fn map_io(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        Err(match e.raw_os_error() {
+            // A frame that does not fit the buffers (read) or a malformed frame (write).
+            Some(libc::EFAULT) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => {
+                io::Error::new(io::ErrorKind::InvalidInput, e)
+            }
+            _ => e,
+        })
+    } else {
+        Ok(r as usize)
+    }
+}
+
+impl HostQueue for TapQueue {
+    fn rx_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    unsafe fn recv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if iov.is_empty() || iov.len() > MAX_IOV {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: the caller guarantees every iovec is valid for writes; the count fits c_int.
+        map_io(unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+    }
+
+    unsafe fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if iov.is_empty() || iov.len() > MAX_IOV {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: the caller guarantees every iovec is valid for reads; the count fits c_int.
+        map_io(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offload_mapping_follows_guest_and_host() {
+        let all = GuestOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            uso4: true,
+            uso6: true,
+        };
+        let no_uso = HostCapabilities { uso: false };
+        assert_eq!(
+            tun_offload_flags(all, no_uso),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
+        assert_eq!(
+            tun_offload_flags(all, HostCapabilities { uso: true }) & (TUN_F_USO4 | TUN_F_USO6),
+            TUN_F_USO4 | TUN_F_USO6
+        );
+        assert_eq!(tun_offload_flags(GuestOffloads::default(), no_uso), 0);
+        let tso_no_csum = GuestOffloads {
+            tso4: true,
+            ..Default::default()
+        };
+        assert_eq!(tun_offload_flags(tso_no_csum, no_uso), 0);
+    }
+
+    #[test]
+    fn ifreq_has_kernel_size() {
+        assert_eq!(std::mem::size_of::<IfReqFlags>(), 40);
+    }
+}

@@ -1,0 +1,22 @@
+//! The virtio-net device of vhost-pump: a pure data path over `vhost-user-backend`.
+//!
+//! Frames move between a guest's virtqueues and a [`HostPort`] (a tap or an AF_PACKET socket,
+//! implemented elsewhere) with one copy, done by the kernel in the host port's `readv`/`writev`.
+//! Guest input is untrusted: every descriptor is checked through `vm-memory`, and bad input is
+//! counted per reason in [`QueueStats`], never a panic.
+
+pub mod backend;
+pub mod chain;
+pub mod config;
+pub mod features;
+mod log;
+pub mod port;
+pub mod rx;
+pub mod stats;
+pub mod worker;
+
+pub use backend::{BackendError, NetBackend};
+pub use config::{MacAddr, NetConfig};
+pub use features::{GuestOffloads, HostCapabilities};
+pub use port::{HostPort, HostQueue};
+pub use stats::{DropReason, QueueStats};

@@ -1,0 +1,194 @@
+//! Receive side (host → guest): guest buffers held between frames, and the frame placement
+//! that spreads one frame over several buffers (MRG_RXBUF) with a single `recv`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::chain::{collect_chain, write_at, Access};
+use crate::features::NUM_BUFFERS_OFFSET;
+use crate::stats::{DirectionStats, DropReason};
+
+/// A guest receive chain taken from the avail ring but not yet filled.
+#[derive(Clone, Copy, Debug)]
+struct HeldChain {
+    head: u16,
+    iov_count: usize,
+    capacity: usize,
+}
+
+/// Receive buffers the device took from the guest, in avail-ring order.
+///
+/// Buffers are taken ahead of frames so that one `recv` can land a frame of unknown size across
+/// several of them. They are always the most recently popped chains, so giving them back is a
+/// matter of moving the queue's `next_avail` back by their count.
+#[derive(Default)]
+pub struct RxBuffers {
+    chains: VecDeque<HeldChain>,
+    iov: VecDeque<libc::iovec>,
+    capacity: usize,
+    /// The memory map the held iovecs point into; kept alive while they are held.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    scratch: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory owned by `mem` (an `Arc` of a
+// thread-safe mmap); they are only dereferenced by the worker that owns this value.
+unsafe impl Send for RxBuffers {}
+
+/// Outcome of offering one frame slot to the host port.
+pub enum Slot<'a> {
+    /// Buffers for a whole frame; pass them to the host port's `recv`.
+    Ready(&'a [libc::iovec]),
+    /// The guest has not posted enough buffers; wait for its next kick.
+    Starved,
+}
+
+impl RxBuffers {
+    /// Number of held chains.
+    pub fn held(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Forgets every held buffer without touching a queue (the queue is gone).
+    pub fn clear(&mut self) {
+        self.chains.clear();
+        self.iov.clear();
+        self.capacity = 0;
+        self.mem = None;
+    }
+
+    /// Gives every held buffer back to the guest's avail ring, so `next_avail` is exact again
+    /// (before GET_VRING_BASE, or when guest memory changes under the held pointers).
+    pub fn give_back(&mut self, queue: &mut Queue) {
+        let n = self.chains.len() as u16;
+        queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+        self.clear();
+    }
+
+    /// Takes chains from the avail ring until `need` bytes are held (or one chain, without
+    /// MRG_RXBUF), and tells whether a frame can be received now. Malformed chains are returned
+    /// to the guest as used with length 0 and counted.
+    pub fn prepare(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestMemoryMmap>,
+        need: usize,
+        mergeable: bool,
+        stats: &DirectionStats,
+    ) -> Slot<'_> {
+        if self.mem.as_ref().is_some_and(|m| !Arc::ptr_eq(m, mem)) {
+            self.give_back(queue);
+        }
+        let want_more = |s: &Self| {
+            if mergeable {
+                s.capacity < need
+            } else {
+                s.chains.is_empty()
+            }
+        };
+        // A malformed chain behind held ones cannot be returned out of order (held chains must
+        // stay the most recently popped), so it waits, and the held buffers are used as they are.
+        let mut blocked = false;
+        while want_more(self) {
+            let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            let head = chain.head_index();
+            self.scratch.clear();
+            let result = collect_chain(chain, mem, Access::Write, usize::MAX, &mut self.scratch);
+            match result {
+                Ok(capacity) if capacity > 0 => {
+                    self.mem.get_or_insert_with(|| mem.clone());
+                    self.chains.push_back(HeldChain {
+                        head,
+                        iov_count: self.scratch.len(),
+                        capacity,
+                    });
+                    self.iov.extend(self.scratch.iter().copied());
+                    self.capacity += capacity;
+                }
+                _ if !self.chains.is_empty() => {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    blocked = true;
+                    break;
+                }
+                bad => {
+                    stats.drop(bad.err().unwrap_or(DropReason::BadChain));
+                    // A used-ring write failure means the ring itself is outside memory; the
+                    // next avail read fails the same way, so there is nothing more to do.
+                    let _ = queue.add_used(mem.as_ref(), head, 0);
+                }
+            }
+        }
+        let ready = if mergeable {
+            // When the guest gave every buffer it has, waiting cannot help: use what is held.
+            self.capacity >= need
+                || (blocked && !self.chains.is_empty())
+                || (!self.chains.is_empty() && self.chains.len() >= usize::from(queue.size()))
+        } else {
+            !self.chains.is_empty()
+        };
+        if !ready {
+            return Slot::Starved;
+        }
+        // Hand out the iovecs of the chains a maximal frame could need.
+        let mut iov_count = 0;
+        let mut cap = 0;
+        for c in &self.chains {
+            iov_count += c.iov_count;
+            cap += c.capacity;
+            if !mergeable || cap >= need {
+                break;
+            }
+        }
+        let iov = self.iov.make_contiguous();
+        Slot::Ready(&iov[..iov_count])
+    }
+
+    /// Completes a received frame of `len` bytes (header included) into the held chains,
+    /// writing `num_buffers` into the header when `hdr_has_num_buffers`. Returns the number of
+    /// chains used.
+    pub fn complete(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        len: usize,
+        hdr_has_num_buffers: bool,
+    ) -> usize {
+        let mut remaining = len;
+        let mut used = 0usize;
+        for c in &self.chains {
+            used += 1;
+            if remaining <= c.capacity {
+                break;
+            }
+            remaining -= c.capacity;
+        }
+        if hdr_has_num_buffers {
+            let first = self.chains.front().map_or(0, |c| c.iov_count);
+            let (a, _) = self.iov.as_slices();
+            let n = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
+            // SAFETY: the held iovecs point into guest memory kept mapped by `self.mem`.
+            unsafe { write_at(&a[..first.min(a.len())], NUM_BUFFERS_OFFSET, &n) };
+        }
+        let mut remaining = len;
+        for _ in 0..used {
+            let Some(c) = self.chains.pop_front() else {
+                break;
+            };
+            let n = remaining.min(c.capacity);
+            remaining -= n;
+            self.iov.drain(..c.iov_count);
+            self.capacity -= c.capacity;
+            // u32: a chain's capacity is the sum of u32 descriptor lengths, bounded below.
+            let _ = queue.add_used(mem, c.head, u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        if self.chains.is_empty() {
+            self.mem = None;
+        }
+        used
+    }
+}
