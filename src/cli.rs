@@ -49,9 +49,7 @@ pub struct Args {
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number"))?;
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !(64..=32768).contains(&n) || !n.is_power_of_two() {
         return Err(format!("{n} is not a power of two between 64 and 32768"));
     }
@@ -71,10 +69,26 @@ mod tests {
     #[test]
     fn defaults_and_flags() {
         let a = parse(&["--socket", "/tmp/s", "--tap", "t0"]).unwrap();
-        assert_eq!((a.queues, a.queue_size, a.busy_poll_us, a.client), (1, 1024, 50, false));
+        assert_eq!(
+            (a.queues, a.queue_size, a.busy_poll_us, a.client),
+            (1, 1024, 50, false)
+        );
         let a = parse(&[
-            "--socket", "/tmp/s", "--tap", "t0", "--queues", "2", "--queue-size", "256",
-            "--mac", "02:00:00:00:00:01", "--mtu", "9000", "--client", "--busy-poll-us", "0",
+            "--socket",
+            "/tmp/s",
+            "--tap",
+            "t0",
+            "--queues",
+            "2",
+            "--queue-size",
+            "256",
+            "--mac",
+            "02:00:00:00:00:01",
+            "--mtu",
+            "9000",
+            "--client",
+            "--busy-poll-us",
+            "0",
         ])
         .unwrap();
         assert_eq!(a.queues, 2);

@@ -160,7 +160,11 @@ impl Session {
             self.pending.push((index, num));
             tracing::debug!(index, num, "holding SET_VRING_ENABLE until SET_FEATURES");
             let reply = (msg.flags() & FLAG_NEED_REPLY != 0).then(|| {
-                Message::new(req, FLAG_VERSION_1 | FLAG_REPLY, 0u64.to_le_bytes().to_vec())
+                Message::new(
+                    req,
+                    FLAG_VERSION_1 | FLAG_REPLY,
+                    0u64.to_le_bytes().to_vec(),
+                )
             });
             return Ok((Vec::new(), reply));
         }

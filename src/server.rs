@@ -133,7 +133,10 @@ fn private_pair() -> io::Result<(Listener, UnixStream)> {
 }
 
 /// Serves one frontend connection until it ends.
-pub fn serve_connection(frontend: UnixStream, backend: &Arc<NetBackend>) -> Result<(), ServerError> {
+pub fn serve_connection(
+    frontend: UnixStream,
+    backend: &Arc<NetBackend>,
+) -> Result<(), ServerError> {
     backend.reset();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
@@ -142,7 +145,8 @@ pub fn serve_connection(frontend: UnixStream, backend: &Arc<NetBackend>) -> Resu
     backend
         .register_host_queues(&handlers)
         .map_err(|e| ServerError::Session(e.to_string()))?;
-    let (mut listener, to_handler) = private_pair().map_err(|e| ServerError::Session(e.to_string()))?;
+    let (mut listener, to_handler) =
+        private_pair().map_err(|e| ServerError::Session(e.to_string()))?;
     daemon
         .start(&mut listener)
         .map_err(|e| ServerError::Session(e.to_string()))?;

@@ -140,7 +140,14 @@ impl TapPort {
         }
         netdev::set_up(&ifname)?;
         let mtu = netdev::mtu(&ifname)?;
-        tracing::info!(tap = name, existed, queues, mtu, uso = port.caps.uso, "tap ready");
+        tracing::info!(
+            tap = name,
+            existed,
+            queues,
+            mtu,
+            uso = port.caps.uso,
+            "tap ready"
+        );
         Ok(TapPort { mtu, ..port })
     }
 
@@ -306,7 +313,6 @@ impl HostQueue for TapQueue {
         map_io(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
     }
 }
-
 
 #[cfg(test)]
 mod tests {
