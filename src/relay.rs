@@ -8,8 +8,15 @@
 //! early message would leave the device dead. Rather than re-implementing the whole protocol
 //! handler, we keep the crate's handler (and its validation of every message) and put this relay
 //! in front of it: early enables are answered here, remembered, and replayed to the handler right
-//! after `SET_FEATURES`, when they are legal. Everything else passes through unchanged, with its
-//! file descriptors.
+//! after `SET_FEATURES`, when they are legal.
+//!
+//! A second mismatch comes with multiqueue: QEMU drives each queue pair as its own vhost device
+//! over the one connection, and with `CONFIGURE_MEM_SLOTS` each of them sends `ADD_MEM_REG` for
+//! every guest RAM region, so the backend sees the same region added once per queue pair (the
+//! library then fails with "memory regions intersect"). The relay keeps a use count per region:
+//! only the first add and the last remove reach the handler, the others are acknowledged here.
+//!
+//! Everything else passes through unchanged, with its file descriptors.
 
 use std::fs::File;
 use std::io;
@@ -27,6 +34,10 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// More remembered early enables than this is not a real frontend.
 const MAX_PENDING_ENABLES: usize = 64;
+/// Body of ADD/REM_MEM_REG: 8 bytes of padding, then guest address, size, user address, offset.
+const MEM_REG_BODY: usize = 40;
+/// Most distinct memory regions tracked (the library's own slot limit is lower).
+const MAX_REGIONS: usize = 512;
 
 /// One vhost-user message with the file descriptors that came with it.
 struct Message {
@@ -139,6 +150,20 @@ fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
 struct Session {
     features_set: bool,
     pending: Vec<(u32, u32)>,
+    /// Memory regions added through ADD_MEM_REG, keyed by (guest address, size, user address),
+    /// with the number of vhost devices of the frontend that added them.
+    regions: Vec<([u64; 3], u32)>,
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn ack(msg: &Message) -> Option<Message> {
+    (msg.flags() & FLAG_NEED_REPLY != 0)
+        .then(|| Message::new(msg.request(), FLAG_VERSION_1 | FLAG_REPLY, vec![0; 8]))
 }
 
 impl Session {
@@ -167,6 +192,39 @@ impl Session {
                 )
             });
             return Ok((Vec::new(), reply));
+        }
+        let is_add = req == FrontendReq::ADD_MEM_REG as u32;
+        if (is_add || req == FrontendReq::REM_MEM_REG as u32) && msg.body.len() == MEM_REG_BODY {
+            let key = [u64_at(&msg.body, 8), u64_at(&msg.body, 16), u64_at(&msg.body, 24)];
+            let pos = self.regions.iter().position(|(k, _)| *k == key);
+            match (is_add, pos) {
+                (true, Some(i)) => {
+                    self.regions[i].1 += 1;
+                    return Ok((Vec::new(), ack(&msg)));
+                }
+                (true, None) => {
+                    if self.regions.len() >= MAX_REGIONS {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "too many memory regions",
+                        ));
+                    }
+                    self.regions.push((key, 1));
+                }
+                (false, Some(i)) if self.regions[i].1 > 1 => {
+                    self.regions[i].1 -= 1;
+                    return Ok((Vec::new(), ack(&msg)));
+                }
+                (false, Some(i)) => {
+                    self.regions.swap_remove(i);
+                }
+                // Removing an unknown region: let the handler refuse it.
+                (false, None) => {}
+            }
+        }
+        if req == FrontendReq::SET_MEM_TABLE as u32 {
+            // A whole new table replaces every region added one by one.
+            self.regions.clear();
         }
         let mut out = vec![msg];
         if req == FrontendReq::SET_FEATURES as u32 && !self.features_set {
@@ -275,6 +333,35 @@ mod tests {
         let (out, reply) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
         assert_eq!(out.len(), 1);
         assert!(reply.is_none());
+    }
+
+    fn mem_reg(req: FrontendReq, gpa: u64, flags: u32) -> Message {
+        let mut body = vec![0u8; 8];
+        for v in [gpa, 0x1000, 0x7f00_0000_0000 + gpa, 0] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        Message::new(req as u32, flags, body)
+    }
+
+    #[test]
+    fn regions_added_per_queue_pair_reach_the_handler_once() {
+        let mut s = Session::default();
+        let f = FLAG_VERSION_1 | FLAG_NEED_REPLY;
+        let (out, reply) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f)).unwrap();
+        assert_eq!((out.len(), reply.is_none()), (1, true));
+        // The second queue pair's device adds the same region: acked here, not forwarded.
+        let (out, reply) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f)).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(reply.unwrap().body, vec![0; 8]);
+        let (out, _) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0x10_0000, f)).unwrap();
+        assert_eq!(out.len(), 1);
+        // Removal reaches the handler only when the last user removes it.
+        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
+        assert!(out.is_empty());
+        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
+        assert_eq!(out.len(), 1);
+        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
+        assert_eq!(out.len(), 1, "an unknown region goes to the handler, which refuses it");
     }
 
     #[test]
