@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use clap::Parser;
 use vhost_net_backend::MacAddr;
 
-/// Serve a VM's virtio-net device over a vhost-user socket from a host tap.
+/// Serve a VM's virtio-net device over a vhost-user socket from a host tap or interface.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-pump", version, about)]
+#[command(group(clap::ArgGroup::new("host_port").required(true).args(["tap", "af_packet"])))]
 pub struct Args {
     /// vhost-user socket path (listened on, or connected to with --client).
     #[arg(long, value_name = "PATH")]
@@ -15,7 +16,11 @@ pub struct Args {
 
     /// Tap device to attach to, created in the current network namespace if missing.
     #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    pub tap: Option<String>,
+
+    /// Existing host interface (veth, macvlan, NIC) to attach to with AF_PACKET sockets.
+    #[arg(long, value_name = "IFNAME")]
+    pub af_packet: Option<String>,
 
     /// Number of RX/TX queue pairs (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -95,6 +100,8 @@ mod tests {
         assert_eq!(a.mtu, Some(9000));
         assert_eq!(a.mac.unwrap().to_string(), "02:00:00:00:00:01");
         assert!(a.client);
+        let a = parse(&["--socket", "/s", "--af-packet", "veth0"]).unwrap();
+        assert_eq!((a.tap, a.af_packet.as_deref()), (None, Some("veth0")));
     }
 
     #[test]
@@ -107,6 +114,7 @@ mod tests {
             &["--socket", "/s", "--tap", "t", "--mtu", "10"],
             &["--socket", "/s"],
             &["--tap", "t"],
+            &["--socket", "/s", "--tap", "t", "--af-packet", "eth0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }

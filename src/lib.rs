@@ -1,7 +1,8 @@
-//! vhost-pump: a vhost-user virtio-net backend that serves a VM's network from a host tap (or,
-//! later, AF_PACKET) port. The device data path lives in the `vhost-net-backend` crate; this
+//! vhost-pump: a vhost-user virtio-net backend that serves a VM's network from a host tap or an
+//! AF_PACKET socket on a host interface. The device data path lives in the `vhost-net-backend` crate; this
 //! package holds the host ports, the vhost-user socket handling and the command line.
 
+pub mod af_packet;
 pub mod cli;
 pub mod netdev;
 pub mod relay;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use vhost_net_backend::{MacAddr, NetBackend, NetConfig};
+use vhost_net_backend::{HostPort, MacAddr, NetBackend, NetConfig};
+use vhost_pump::af_packet::AfPacketPort;
 use vhost_pump::cli::Args;
 use vhost_pump::{server, tap::TapPort};
 
@@ -46,20 +47,32 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let queues = usize::from(args.queues);
-    let tap = TapPort::open(&args.tap, queues, args.mtu)?;
+    let (port, mtu): (Arc<dyn HostPort>, u16) = match (&args.tap, &args.af_packet) {
+        (Some(name), _) => {
+            let tap = TapPort::open(name, queues, args.mtu)?;
+            let mtu = tap.mtu();
+            (Arc::new(tap), mtu)
+        }
+        (None, Some(ifname)) => {
+            let port = AfPacketPort::open(ifname, queues, args.mtu)?;
+            let mtu = port.mtu();
+            (Arc::new(port), mtu)
+        }
+        (None, None) => anyhow::bail!("one of --tap or --af-packet is required"),
+    };
     let mac = args
         .mac
         .unwrap_or_else(|| MacAddr::local_from_seed(args.socket.as_os_str().as_encoded_bytes()));
     let config = NetConfig {
         mac,
-        mtu: tap.mtu(),
+        mtu,
         queue_pairs: queues,
         max_queue_size: args.queue_size,
     };
     let backend = Arc::new(
         NetBackend::new(
             config,
-            Arc::new(tap),
+            port,
             Duration::from_micros(u64::from(args.busy_poll_us)),
         )
         .context("cannot build the device")?,

@@ -195,7 +195,11 @@ impl Session {
         }
         let is_add = req == FrontendReq::ADD_MEM_REG as u32;
         if (is_add || req == FrontendReq::REM_MEM_REG as u32) && msg.body.len() == MEM_REG_BODY {
-            let key = [u64_at(&msg.body, 8), u64_at(&msg.body, 16), u64_at(&msg.body, 24)];
+            let key = [
+                u64_at(&msg.body, 8),
+                u64_at(&msg.body, 16),
+                u64_at(&msg.body, 24),
+            ];
             let pos = self.regions.iter().position(|(k, _)| *k == key);
             match (is_add, pos) {
                 (true, Some(i)) => {
@@ -347,21 +351,37 @@ mod tests {
     fn regions_added_per_queue_pair_reach_the_handler_once() {
         let mut s = Session::default();
         let f = FLAG_VERSION_1 | FLAG_NEED_REPLY;
-        let (out, reply) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f)).unwrap();
+        let (out, reply) = s
+            .on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f))
+            .unwrap();
         assert_eq!((out.len(), reply.is_none()), (1, true));
         // The second queue pair's device adds the same region: acked here, not forwarded.
-        let (out, reply) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f)).unwrap();
+        let (out, reply) = s
+            .on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0, f))
+            .unwrap();
         assert!(out.is_empty());
         assert_eq!(reply.unwrap().body, vec![0; 8]);
-        let (out, _) = s.on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0x10_0000, f)).unwrap();
+        let (out, _) = s
+            .on_frontend(mem_reg(FrontendReq::ADD_MEM_REG, 0x10_0000, f))
+            .unwrap();
         assert_eq!(out.len(), 1);
         // Removal reaches the handler only when the last user removes it.
-        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
+        let (out, _) = s
+            .on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f))
+            .unwrap();
         assert!(out.is_empty());
-        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
+        let (out, _) = s
+            .on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f))
+            .unwrap();
         assert_eq!(out.len(), 1);
-        let (out, _) = s.on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f)).unwrap();
-        assert_eq!(out.len(), 1, "an unknown region goes to the handler, which refuses it");
+        let (out, _) = s
+            .on_frontend(mem_reg(FrontendReq::REM_MEM_REG, 0, f))
+            .unwrap();
+        assert_eq!(
+            out.len(),
+            1,
+            "an unknown region goes to the handler, which refuses it"
+        );
     }
 
     #[test]
