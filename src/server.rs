@@ -132,6 +132,23 @@ fn private_pair() -> io::Result<(Listener, UnixStream)> {
     Ok((Listener::from(listener), stream))
 }
 
+/// Logs the device's counters (cumulative over sessions), one line per queue pair.
+fn log_counters(backend: &NetBackend) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (pair, q) in backend.stats().iter().enumerate() {
+        tracing::info!(
+            pair,
+            rx_frames = q.rx.frames.load(Relaxed),
+            rx_bytes = q.rx.bytes.load(Relaxed),
+            rx_drops = q.rx.total_drops(),
+            tx_frames = q.tx.frames.load(Relaxed),
+            tx_bytes = q.tx.bytes.load(Relaxed),
+            tx_drops = q.tx.total_drops(),
+            "counters"
+        );
+    }
+}
+
 /// Serves one frontend connection until it ends.
 pub fn serve_connection(
     frontend: UnixStream,
@@ -159,5 +176,6 @@ pub fn serve_connection(
     if let Err(e) = waited {
         tracing::debug!(error = %e, "request handler ended");
     }
+    log_counters(backend);
     relayed.map_err(|e| ServerError::Session(e.to_string()))
 }

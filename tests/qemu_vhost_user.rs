@@ -53,7 +53,10 @@ impl Drop for Netns {
 }
 
 fn run(argv: &[&str]) {
-    let st = Command::new(argv[0]).args(&argv[1..]).status().expect("spawn");
+    let st = Command::new(argv[0])
+        .args(&argv[1..])
+        .status()
+        .expect("spawn");
     assert!(st.success(), "{argv:?} failed");
 }
 
@@ -140,7 +143,16 @@ fn qemu_guest_over_tap_mode() {
     let ns = Netns::create("vp-e2e");
     // A persistent tap, as an operator or a CNI plugin would make it: it outlives the daemon,
     // so its address survives the backend restart below.
-    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue"]);
+    ns.exec(&[
+        "ip",
+        "tuntap",
+        "add",
+        "dev",
+        TAP,
+        "mode",
+        "tap",
+        "multi_queue",
+    ]);
     ns.exec(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     let daemon_args = ["--queues", "2", "--mtu", "9000", "--log-level", "info"];
     let mut daemon = start_daemon(&ns, &socket, &log, &daemon_args);
@@ -164,7 +176,10 @@ fn qemu_guest_over_tap_mode() {
     opts.name = "e2e".into();
     let mut vm = QemuGuest::start(&opts).expect("start QEMU");
     let boot = vm.wait_ready(Duration::from_secs(90)).expect("guest ready");
-    eprintln!("guest ready after {boot:.2?}; logs in {}", vm.log_dir().display());
+    eprintln!(
+        "guest ready after {boot:.2?}; logs in {}",
+        vm.log_dir().display()
+    );
     let t = Duration::from_secs(60);
 
     let ping = vm.run(&format!("ping -c 3 -W 5 {HOST_IP}"), t).unwrap();
@@ -176,14 +191,25 @@ fn qemu_guest_over_tap_mode() {
         "TSO not on in the guest:\n{offload}"
     );
     let channels = vm.run_ok("ethtool -l eth0", t).unwrap();
-    let current = channels.split("Current hardware settings").nth(1).unwrap_or("");
-    assert!(current.contains("Combined:\t2"), "2 queue pairs not active:\n{channels}");
+    let current = channels
+        .split("Current hardware settings")
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        current.contains("Combined:\t2"),
+        "2 queue pairs not active:\n{channels}"
+    );
 
     // Jumbo frames: the guest's MTU comes from the device's config space.
     let mtu = vm.run_ok("cat /sys/class/net/eth0/mtu", t).unwrap();
     assert_eq!(mtu.trim(), "9000");
-    let big = vm.run(&format!("ping -c 3 -W 5 -s 8900 {HOST_IP}"), t).unwrap();
-    assert!(big.contains(" 0% packet loss"), "9000-byte MTU ping failed:\n{big}");
+    let big = vm
+        .run(&format!("ping -c 3 -W 5 -s 8900 {HOST_IP}"), t)
+        .unwrap();
+    assert!(
+        big.contains(" 0% packet loss"),
+        "9000-byte MTU ping failed:\n{big}"
+    );
 
     // TCP both directions, 4 streams so both queue pairs carry traffic.
     let up = vm
@@ -213,12 +239,18 @@ fn qemu_guest_over_tap_mode() {
         .parse()
         .unwrap();
     let tx_packets: u64 = ns
-        .exec(&["cat", &format!("/sys/class/net/{TAP}/statistics/tx_packets")])
+        .exec(&[
+            "cat",
+            &format!("/sys/class/net/{TAP}/statistics/tx_packets"),
+        ])
         .trim()
         .parse()
         .unwrap();
     eprintln!("tap tx: {tx_bytes} bytes in {tx_packets} packets");
-    assert!(tx_bytes / tx_packets.max(1) > 1500, "no large frames reached the guest");
+    assert!(
+        tx_bytes / tx_packets.max(1) > 1500,
+        "no large frames reached the guest"
+    );
 
     // Kill the backend under a running guest; a new one takes over and traffic resumes.
     let _ = daemon.0.kill();
@@ -231,12 +263,22 @@ fn qemu_guest_over_tap_mode() {
             Duration::from_secs(90),
         )
         .unwrap();
-    assert!(resumed.contains("RESUMED"), "traffic did not resume after a backend restart:\n{resumed}\nlog:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        resumed.contains("RESUMED"),
+        "traffic did not resume after a backend restart:\n{resumed}\nlog:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let after = vm.run(&format!("ping -c 3 -W 5 {HOST_IP}"), t).unwrap();
-    assert!(after.contains(" 0% packet loss"), "ping after restart:\n{after}");
+    assert!(
+        after.contains(" 0% packet loss"),
+        "ping after restart:\n{after}"
+    );
     let after_tcp = vm
         .run_ok(&format!("iperf3 -c {HOST_IP} -t 2 -f m"), t)
         .unwrap();
-    assert!(iperf_mbps(&after_tcp).is_some_and(|m| m > 1.0), "TCP after restart:\n{after_tcp}");
+    assert!(
+        iperf_mbps(&after_tcp).is_some_and(|m| m > 1.0),
+        "TCP after restart:\n{after_tcp}"
+    );
     drop(daemon);
 }

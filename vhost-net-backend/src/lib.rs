@@ -13,6 +13,8 @@ mod log;
 pub mod port;
 pub mod rx;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 pub mod worker;
 
 pub use backend::{BackendError, NetBackend};

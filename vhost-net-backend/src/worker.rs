@@ -301,3 +301,405 @@ impl QueuePairWorker {
         pass
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::mpsc;
+
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::testing::*;
+
+    const V1: u64 = bit(VIRTIO_F_VERSION_1);
+    const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
+    const GSO: u64 = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
+
+    /// One queue pair: the guest's two rings, the device's vrings and worker, the host side.
+    struct Pair<'a> {
+        rx: Driver<'a>,
+        tx: Driver<'a>,
+        vrings: [VringMutex; 2],
+        worker: QueuePairWorker,
+        host: FakeQueue,
+        stats: Arc<QueueStats>,
+    }
+
+    fn pair<'a>(
+        gm: &'a GuestMemoryMmap,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        sizes: (u16, u16),
+        mtu: u16,
+        acked: u64,
+    ) -> Pair<'a> {
+        let rx = Driver::new(gm, RX_RING, sizes.0, RX_BUFS);
+        let tx = Driver::new(gm, TX_RING, sizes.1, TX_BUFS);
+        let vrings = [rx.vring(mem), tx.vring(mem)];
+        let host = FakeQueue::default();
+        let stats = Arc::new(QueueStats::default());
+        let mut worker =
+            QueuePairWorker::new(Box::new(host.clone()), stats.clone(), mtu, Duration::ZERO);
+        worker.set_memory(mem.clone());
+        worker.set_features(acked);
+        Pair {
+            rx,
+            tx,
+            vrings,
+            worker,
+            host,
+            stats,
+        }
+    }
+
+    impl Pair<'_> {
+        fn run(&mut self, host_event: bool) {
+            self.worker.handle(host_event, &self.vrings);
+        }
+
+        fn next_avail(&self, q: usize) -> u16 {
+            self.vrings[q].queue_next_avail()
+        }
+    }
+
+    /// A call eventfd installed on `vring`; the returned end reads the interrupts signalled.
+    fn install_call(vring: &VringMutex) -> EventFd {
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fd = efd.try_clone().unwrap().into_raw_fd();
+        // SAFETY: `fd` was just duplicated and is owned by nothing else; the File takes it.
+        vring.set_call(Some(unsafe { File::from_raw_fd(fd) }));
+        efd
+    }
+
+    fn interrupts(efd: &EventFd) -> u64 {
+        efd.read().unwrap_or(0)
+    }
+
+    fn num_buffers(d: &Driver<'_>, addr: u64) -> u16 {
+        let b = d.read(addr + crate::features::NUM_BUFFERS_OFFSET as u64, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    // ---- TX ----
+
+    #[test]
+    fn tx_frame_split_over_descriptors_reaches_host_byte_exact() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let call = install_call(&p.vrings[TX]);
+        let f1 = frame(12, 12 + 60, 1);
+        let f2 = frame(12, 12 + 1514, 2);
+        // Header alone, then 20 bytes, then the rest; and a header split across descriptors.
+        let h1 = p.tx.add_tx(&f1, &[12, 20, 0]);
+        let h2 = p.tx.add_tx(&f2, &[5, 1000, 0]);
+        p.run(false);
+
+        assert_eq!(p.host.sent(), vec![f1, f2]);
+        assert_eq!(p.host.state().send_iovecs, vec![3, 3]);
+        assert_eq!(
+            p.tx.all_used(),
+            vec![(u32::from(h1), 0), (u32::from(h2), 0)]
+        );
+        assert_eq!(p.next_avail(TX), 2);
+        assert_eq!(p.stats.tx.frames.load(Relaxed), 2);
+        assert_eq!(p.stats.tx.bytes.load(Relaxed), 60 + 1514);
+        assert_eq!(p.stats.tx.total_drops(), 0);
+        assert_eq!(p.stats.tx.notifications.load(Relaxed), 1);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(p.stats.busy_wakeups.load(Relaxed), 1);
+
+        // Nothing new: an idle wake-up, no interrupt.
+        p.run(false);
+        assert_eq!(p.stats.idle_wakeups.load(Relaxed), 1);
+        assert_eq!(interrupts(&call), 0);
+    }
+
+    #[test]
+    fn tx_legacy_header_is_ten_bytes() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, 0);
+        let runt = frame(10, 10 + 13, 1);
+        let min = frame(10, 10 + 14, 2);
+        p.tx.add_tx(&runt, &[0]);
+        p.tx.add_tx(&min, &[0]);
+        p.run(false);
+        assert_eq!(p.host.sent(), vec![min]);
+        assert_eq!(p.stats.tx.drops_of(DropReason::Runt), 1);
+        assert_eq!(p.stats.tx.bytes.load(Relaxed), 14);
+        assert_eq!(p.tx.used_idx(), 2);
+    }
+
+    #[test]
+    fn tx_hostile_chains_are_counted_returned_and_do_not_block_good_ones() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 256), 1500, V1);
+        let size = p.tx.size();
+        let good = frame(12, 12 + 64, 9);
+        let mut expect_used = Vec::new();
+        fn add_good(p: &mut Pair<'_>, good: &[u8], expect_used: &mut Vec<(u32, u32)>) {
+            let h = p.tx.add_tx(good, &[30, 0]);
+            expect_used.push((u32::from(h), 0));
+        }
+        // A device-writable descriptor in a TX chain.
+        let a = p.tx.alloc(100);
+        let h = p.tx.add_chain(&[(a, 12, 0), (a + 12, 88, WRITE)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // Entirely outside guest memory.
+        let h = p.tx.add_chain(&[(MEM_SIZE as u64 + 0x1000, 100, 0)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // Starting inside, ending outside guest memory.
+        let h = p.tx.add_chain(&[(MEM_SIZE as u64 - 10, 100, 0)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // addr + len overflows u64.
+        let h = p.tx.add_chain(&[(a, 12, 0), (u64::MAX - 10, 100, 0)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // Shorter than the header plus an Ethernet header, and empty.
+        let h = p.tx.add_tx(&frame(12, 12 + 13, 3), &[12, 0]);
+        expect_used.push((u32::from(h), 0));
+        let h = p.tx.add_chain(&[(a, 0, 0)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // A loop: two descriptors pointing at each other.
+        let d = p.tx.take_descs(2);
+        p.tx.set_desc(d[0], a, 50, NEXT, d[1]);
+        p.tx.set_desc(d[1], a, 50, NEXT, d[0]);
+        p.tx.publish(d[0]);
+        expect_used.push((u32::from(d[0]), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // A next index past the end of the table.
+        let d = p.tx.take_descs(1);
+        p.tx.set_desc(d[0], a, 50, NEXT, size + 3);
+        p.tx.publish(d[0]);
+        expect_used.push((u32::from(d[0]), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // A descriptor marked as last is fine after a long but legal chain of 64 ...
+        let segs: Vec<_> = (0..64).map(|i| (a + i, 1, 0)).collect();
+        let h = p.tx.add_chain(&segs);
+        expect_used.push((u32::from(h), 0));
+        // ... but 65 descriptors are too many.
+        let segs: Vec<_> = (0..65).map(|i| (a + i, 1, 0)).collect();
+        let h = p.tx.add_chain(&segs);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // Longer than any frame.
+        let big = p.tx.alloc(12 + MAX_GSO_FRAME + 1);
+        let h = p.tx.add_chain(&[(big, (12 + MAX_GSO_FRAME + 1) as u32, 0)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // Indirect table whose length is not a multiple of 16, and an indirect in an indirect.
+        let h = p.tx.add_chain(&[(a, 20, INDIRECT)]);
+        expect_used.push((u32::from(h), 0));
+        let table = p.tx.alloc(32);
+        gm.write_obj(
+            RawDescriptor::from(SplitDescriptor::new(table, 32, INDIRECT, 0)),
+            GuestAddress(table),
+        )
+        .unwrap();
+        let h = p.tx.add_chain(&[(table, 16, INDIRECT)]);
+        expect_used.push((u32::from(h), 0));
+        add_good(&mut p, &good, &mut expect_used);
+        // A head index past the end of the table: nothing can be returned for it.
+        p.tx.publish(size + 7);
+        add_good(&mut p, &good, &mut expect_used);
+
+        p.run(false);
+
+        let sent = p.host.sent();
+        // Eleven good frames, plus the 64-descriptor chain (in 8th position).
+        assert_eq!(sent.len(), 12);
+        let sixty_four = p.tx.read(a, 64);
+        for (i, f) in sent.iter().enumerate() {
+            assert_eq!(f, if i == 7 { &sixty_four } else { &good }, "frame {i}");
+        }
+        assert_eq!(p.tx.all_used(), expect_used);
+        assert_eq!(p.next_avail(TX), p.tx.avail_idx());
+        let s = &p.stats.tx;
+        assert_eq!(s.drops_of(DropReason::WrongDirection), 1);
+        assert_eq!(s.drops_of(DropReason::BadAddress), 3);
+        assert_eq!(s.drops_of(DropReason::Runt), 2);
+        assert_eq!(s.drops_of(DropReason::BadChain), 6);
+        assert_eq!(s.drops_of(DropReason::Oversize), 1);
+        assert_eq!(s.total_drops(), 13);
+        assert_eq!(s.frames.load(Relaxed), 12);
+    }
+
+    #[test]
+    fn tx_indirect_chain_is_sent() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let f = frame(12, 12 + 100, 4);
+        let buf = p.tx.alloc(f.len());
+        gm.write_slice(&f, GuestAddress(buf)).unwrap();
+        let table = p.tx.alloc(48);
+        let descs = [
+            SplitDescriptor::new(buf, 12, NEXT, 1),
+            SplitDescriptor::new(buf + 12, 50, NEXT, 2),
+            SplitDescriptor::new(buf + 62, 50, 0, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            gm.write_obj(
+                RawDescriptor::from(*d),
+                GuestAddress(table + 16 * i as u64),
+            )
+            .unwrap();
+        }
+        let h = p.tx.add_chain(&[(table, 48, INDIRECT)]);
+        p.run(false);
+        assert_eq!(p.host.sent(), vec![f]);
+        assert_eq!(p.tx.all_used(), vec![(u32::from(h), 0)]);
+    }
+
+    #[test]
+    fn tx_host_refusals_are_counted_and_chains_returned() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.host.state().send_error = Some(io::ErrorKind::InvalidInput);
+        p.tx.add_tx(&frame(12, 100, 1), &[0]);
+        p.run(false);
+        p.host.state().send_error = Some(io::ErrorKind::BrokenPipe);
+        p.tx.add_tx(&frame(12, 100, 2), &[0]);
+        p.run(false);
+        p.host.state().send_error = None;
+        let ok = frame(12, 100, 3);
+        p.tx.add_tx(&ok, &[0]);
+        p.run(false);
+        assert_eq!(p.host.sent(), vec![ok]);
+        assert_eq!(p.stats.tx.drops_of(DropReason::HostRejected), 1);
+        assert_eq!(p.stats.tx.drops_of(DropReason::HostError), 1);
+        assert_eq!(p.stats.tx.frames.load(Relaxed), 1);
+        assert_eq!(p.tx.used_idx(), 3);
+    }
+
+    #[test]
+    fn tx_disabled_or_not_ready_ring_is_left_alone() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let f = frame(12, 100, 1);
+        p.tx.add_tx(&f, &[0]);
+        p.vrings[TX].set_enabled(false);
+        p.run(false);
+        p.vrings[TX].set_enabled(true);
+        p.vrings[TX].set_queue_ready(false);
+        p.run(false);
+        assert!(p.host.sent().is_empty());
+        assert_eq!(p.tx.used_idx(), 0);
+        p.vrings[TX].set_queue_ready(true);
+        p.run(false);
+        assert_eq!(p.host.sent(), vec![f]);
+    }
+
+    #[test]
+    fn tx_without_memory_does_nothing() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.worker.reset();
+        p.tx.add_tx(&frame(12, 100, 1), &[0]);
+        p.run(false);
+        assert!(p.host.sent().is_empty());
+        p.worker.set_memory(mem.clone());
+        p.run(false);
+        assert_eq!(p.host.sent().len(), 1);
+    }
+
+    #[test]
+    fn tx_event_idx_suppresses_interrupts_until_used_event() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.vrings[TX].set_queue_event_idx(true);
+        let call = install_call(&p.vrings[TX]);
+        // The guest wants an interrupt once used idx moves past 4.
+        p.tx.set_used_event(4);
+        for i in 0..3 {
+            p.tx.add_tx(&frame(12, 100, i), &[0]);
+        }
+        p.run(false);
+        assert_eq!(p.host.sent().len(), 3);
+        assert_eq!(interrupts(&call), 0);
+        assert_eq!(p.stats.tx.notifications.load(Relaxed), 0);
+        // The device asks for a kick at the next avail entry.
+        assert_eq!(p.tx.avail_event(), 3);
+        for i in 0..3 {
+            p.tx.add_tx(&frame(12, 100, i), &[0]);
+        }
+        p.run(false);
+        assert_eq!(p.tx.used_idx(), 6);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(p.stats.tx.notifications.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn tx_more_than_a_budget_in_one_wakeup() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 256), 1500, V1);
+        for i in 0..256 {
+            p.tx.add_tx(&frame(12, 60, i as u8), &[0]);
+        }
+        p.run(false);
+        assert_eq!(p.host.sent().len(), 256);
+        assert_eq!(p.tx.used_idx(), 256);
+        // Around the ring again, so ring indexes wrap.
+        for round in 0..3u8 {
+            for i in 0..200u8 {
+                p.tx.add_tx(&frame(12, 60, i ^ round), &[0]);
+            }
+            p.run(false);
+        }
+        assert_eq!(p.host.sent().len(), 856);
+        assert_eq!(p.tx.used_idx(), 856);
+        assert_eq!(p.stats.tx.frames.load(Relaxed), 856);
+    }
+
+    /// Runs `handle` on another thread and fails if it does not return (a spinning worker).
+    fn handle_returns(mut worker: QueuePairWorker, vrings: [VringMutex; 2]) -> QueuePairWorker {
+        let (done, wait) = mpsc::channel();
+        std::thread::spawn(move || {
+            worker.handle(true, &vrings);
+            let _ = done.send(worker);
+        });
+        wait.recv_timeout(Duration::from_secs(10))
+            .expect("the worker never returned from handle()")
+    }
+
+    #[test]
+    fn tx_avail_index_beyond_queue_size_does_not_spin() {
+        let (gm, mem) = guest_memory();
+        let p = pair(&gm, &mem, (16, 16), 1500, V1);
+        // The guest claims 17 new entries on a 16-entry ring.
+        p.tx.set_avail_idx(17);
+        let Pair {
+            worker, vrings, host, stats, tx, ..
+        } = p;
+        handle_returns(worker, vrings);
+        assert!(host.sent().is_empty());
+        assert_eq!(stats.tx.frames.load(Relaxed), 0);
+        assert_eq!(tx.used_idx(), 0);
+    }
+
+    #[test]
+    fn rx_avail_index_beyond_queue_size_does_not_spin() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.rx.add_rx(1536);
+        p.rx.set_avail_idx(17);
+        p.host.push(frame(12, 100, 1));
+        let Pair {
+            worker, vrings, host, stats, rx, ..
+        } = p;
+        handle_returns(worker, vrings);
+        assert_eq!(host.pending(), 1);
+        assert_eq!(stats.rx.frames.load(Relaxed), 0);
+        assert_eq!(rx.used_idx(), 0);
+    }
+}
