@@ -22,7 +22,10 @@ struct Netns(String);
 
 impl Netns {
     fn create(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         run(&["ip", "netns", "add", name]);
         let ns = Netns(name.into());
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -72,26 +75,7 @@ impl Drop for Proc {
 
 fn start_daemon(ns: &Netns, socket: &Path, log: &Path, extra: &[&str]) -> Proc {
     let _ = std::fs::remove_file(socket);
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("daemon log");
-    let mut argv = vec![
-        env!("CARGO_BIN_EXE_vhost-pump"),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--tap",
-        TAP,
-    ];
-    argv.extend_from_slice(extra);
-    let child = ns
-        .cmd(&argv)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn vhost-pump");
-    let p = Proc(child);
+    let p = spawn_daemon(ns, socket, log, TAP, extra);
     let t = Instant::now();
     while !socket.exists() {
         assert!(
@@ -103,6 +87,29 @@ fn start_daemon(ns: &Netns, socket: &Path, log: &Path, extra: &[&str]) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     p
+}
+
+fn spawn_daemon(ns: &Netns, socket: &Path, log: &Path, tap: &str, extra: &[&str]) -> Proc {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("daemon log");
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_vhost-pump"),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--tap",
+        tap,
+    ];
+    argv.extend_from_slice(extra);
+    let child = ns
+        .cmd(&argv)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn vhost-pump");
+    Proc(child)
 }
 
 fn workdir(name: &str) -> PathBuf {
@@ -280,5 +287,69 @@ fn qemu_guest_over_tap_mode() {
         iperf_mbps(&after_tcp).is_some_and(|m| m > 1.0),
         "TCP after restart:\n{after_tcp}"
     );
+    drop(daemon);
+}
+
+/// `--client`: QEMU listens (as Kata Dragonball does), vhost-pump connects. The daemon is
+/// started before the VMM and waits for the socket; it reconnects after its own restart and
+/// after the VMM is replaced by a new one on the same socket.
+#[test]
+fn qemu_guest_client_mode() {
+    if let Some(why) = guest::missing_prereqs() {
+        guest::skip_or_fail("qemu_guest_client_mode", &why);
+        return;
+    }
+    const CTAP: &str = "vpcli0";
+    const CHOST: &str = "10.253.0.1";
+    let dir = workdir("qemu-client");
+    let socket = dir.join("vmm.sock");
+    let log = dir.join("vhost-pump.log");
+    let ns = Netns::create("vp-client");
+    ns.exec(&["ip", "tuntap", "add", "dev", CTAP, "mode", "tap"]);
+    ns.exec(&["ip", "addr", "add", &format!("{CHOST}/24"), "dev", CTAP]);
+    let args = ["--client", "--log-level", "info"];
+    // Started first: the socket does not exist yet.
+    let mut daemon = spawn_daemon(&ns, &socket, &log, CTAP, &args);
+
+    let mut opts = GuestOpts::vhost_user(&socket, 1);
+    opts.vhost_user_server = true;
+    opts.ip = Some("10.253.0.2/24".into());
+    opts.name = "client".into();
+    let t = Duration::from_secs(60);
+    let ping_ok = |vm: &mut QemuGuest, what: &str| {
+        let out = vm
+            .run(
+                &format!("for i in $(seq 1 30); do ping -c 1 -W 1 {CHOST} >/dev/null && echo PING-OK && break; done"),
+                Duration::from_secs(90),
+            )
+            .unwrap();
+        assert!(
+            out.contains("PING-OK"),
+            "{what}: no ping\n{out}\nlog:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+
+    let mut vm = QemuGuest::start(&opts).expect("start QEMU");
+    vm.wait_ready(Duration::from_secs(90)).expect("guest ready");
+    ping_ok(&mut vm, "first connection");
+
+    // The backend restarts; it finds the VMM's socket again.
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    drop(daemon);
+    daemon = spawn_daemon(&ns, &socket, &log, CTAP, &args);
+    ping_ok(&mut vm, "after a backend restart");
+
+    // The VMM is replaced (a VM restart): the same daemon serves the new one.
+    vm.kill().unwrap();
+    drop(vm);
+    let _ = std::fs::remove_file(&socket);
+    let mut vm = QemuGuest::start(&opts).expect("restart QEMU");
+    vm.wait_ready(Duration::from_secs(90))
+        .expect("second guest ready");
+    ping_ok(&mut vm, "after a VMM restart");
+    let out = vm.run(&format!("ping -c 3 -W 5 {CHOST}"), t).unwrap();
+    assert!(out.contains(" 0% packet loss"), "{out}");
     drop(daemon);
 }

@@ -196,6 +196,9 @@ pub struct GuestOpts {
     pub kernel_args: Vec<String>,
     /// Extra QEMU arguments.
     pub qemu_args: Vec<String>,
+    /// For vhost-user: QEMU listens on the socket (`server=on,wait=off`) and the backend
+    /// connects (`vhost-pump --client`), as with Kata Dragonball. `reconnect` is then unused.
+    pub vhost_user_server: bool,
     /// Label for the log directory.
     pub name: String,
     /// Directory with `vmlinuz` and `initramfs.cpio.gz`; default: [`guest_dir`].
@@ -217,6 +220,7 @@ impl GuestOpts {
             device_props: Vec::new(),
             kernel_args: Vec::new(),
             qemu_args: Vec::new(),
+            vhost_user_server: false,
             name: "guest".into(),
             guest_dir: None,
         }
@@ -319,7 +323,9 @@ impl GuestOpts {
                 ]);
                 push(&["-numa", "node,memdev=mem"]);
                 let mut chardev = format!("socket,id=c0,path={}", socket.display());
-                if *reconnect {
+                if self.vhost_user_server {
+                    chardev.push_str(",server=on,wait=off");
+                } else if *reconnect {
                     // `reconnect` became `reconnect-ms` in QEMU 9.2.
                     if (major, minor) >= (9, 2) {
                         chardev.push_str(",reconnect-ms=1000");
