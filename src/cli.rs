@@ -1,18 +1,74 @@
 //! Command-line contract of the `vhost-pump` daemon. Other tools and tests depend on these flags.
+//!
+//! One port from flags: `vhost-pump --socket PATH (--tap NAME | --af-packet IFNAME) ...`;
+//! many from a file: `vhost-pump --config FILE`; a running daemon is managed with
+//! `vhost-pump ctl add|remove|list|stats`.
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use vhost_net_backend::MacAddr;
+
+use crate::config::{HostSpec, PortSpec};
 
 /// Serve a VM's virtio-net device over a vhost-user socket from a host tap or interface.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-pump", version, about)]
-#[command(group(clap::ArgGroup::new("host_port").required(true).args(["tap", "af_packet"])))]
+#[command(
+    name = "vhost-pump",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// Manage a running daemon through its control socket.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The port to serve (when not using --config).
+    #[command(flatten)]
+    pub port: PortArgs,
+
+    /// TOML file with one `[[port]]` table per port, instead of the port flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "tap", "af_packet"])]
+    pub config: Option<PathBuf>,
+
+    /// Serve a control socket here, for `vhost-pump ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP on HOST:PORT (or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Log filter: error, warn, info, debug, trace (or a tracing filter directive).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Do not install the seccomp filter nor drop capabilities (for debugging).
+    #[arg(long)]
+    pub no_sandbox: bool,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags describing one port.
+#[derive(Debug, Clone, ClapArgs)]
+#[command(group(clap::ArgGroup::new("host_port").args(["tap", "af_packet"])))]
+pub struct PortArgs {
     /// vhost-user socket path (listened on, or connected to with --client).
     #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
 
     /// Tap device to attach to, created in the current network namespace if missing.
     #[arg(long, value_name = "NAME")]
@@ -35,7 +91,7 @@ pub struct Args {
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
 
-    /// MTU shown to the guest and set on the host port [default: the port's MTU].
+    /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..=65500))]
     pub mtu: Option<u16>,
 
@@ -48,9 +104,94 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub busy_poll_us: u32,
 
-    /// Log filter: error, warn, info, debug, trace (or a tracing filter directive).
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Owner (user name or uid) of the server socket.
+    #[arg(long, value_name = "USER")]
+    pub socket_owner: Option<String>,
+
+    /// Group (name or gid) of the server socket.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Permission bits of the server socket [default: 0660].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+}
+
+impl PortArgs {
+    /// The port these flags describe, named `name`.
+    pub fn to_spec(&self, name: &str) -> Result<PortSpec, String> {
+        let socket = self.socket.clone().ok_or("--socket is required")?;
+        let host = match (&self.tap, &self.af_packet) {
+            (Some(t), _) => HostSpec::Tap(t.clone()),
+            (None, Some(i)) => HostSpec::AfPacket(i.clone()),
+            (None, None) => return Err("one of --tap or --af-packet is required".into()),
+        };
+        let spec = PortSpec {
+            name: name.into(),
+            socket,
+            host,
+            queues: self.queues,
+            queue_size: self.queue_size,
+            mac: self.mac,
+            mtu: self.mtu,
+            client: self.client,
+            busy_poll_us: self.busy_poll_us,
+            socket_owner: self.socket_owner.clone(),
+            socket_group: self.socket_group.clone(),
+            socket_mode: self.socket_mode.clone(),
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+/// `vhost-pump ctl`.
+#[derive(Debug, ClapArgs)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/vhost-pump/control.sock"
+    )]
+    pub control: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub op: CtlOp,
+}
+
+/// Control operations.
+#[derive(Debug, Subcommand)]
+pub enum CtlOp {
+    /// Start a new port.
+    Add {
+        /// Port name.
+        #[arg(long)]
+        name: String,
+        /// The port.
+        #[command(flatten)]
+        port: PortArgs,
+    },
+    /// Stop and remove a port.
+    Remove {
+        /// Port name.
+        name: String,
+    },
+    /// List ports.
+    List,
+    /// Show counters (all ports, or one).
+    Stats {
+        /// Port name.
+        name: Option<String>,
+    },
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -71,14 +212,18 @@ mod tests {
         Args::try_parse_from(v)
     }
 
+    fn spec(args: &[&str]) -> Result<PortSpec, String> {
+        parse(args).map_err(|e| e.to_string())?.port.to_spec("p")
+    }
+
     #[test]
     fn defaults_and_flags() {
-        let a = parse(&["--socket", "/tmp/s", "--tap", "t0"]).unwrap();
+        let a = spec(&["--socket", "/tmp/s", "--tap", "t0"]).unwrap();
         assert_eq!(
             (a.queues, a.queue_size, a.busy_poll_us, a.client),
             (1, 1024, 50, false)
         );
-        let a = parse(&[
+        let a = spec(&[
             "--socket",
             "/tmp/s",
             "--tap",
@@ -100,8 +245,8 @@ mod tests {
         assert_eq!(a.mtu, Some(9000));
         assert_eq!(a.mac.unwrap().to_string(), "02:00:00:00:00:01");
         assert!(a.client);
-        let a = parse(&["--socket", "/s", "--af-packet", "veth0"]).unwrap();
-        assert_eq!((a.tap, a.af_packet.as_deref()), (None, Some("veth0")));
+        let a = spec(&["--socket", "/s", "--af-packet", "veth0"]).unwrap();
+        assert_eq!(a.host, HostSpec::AfPacket("veth0".into()));
     }
 
     #[test]
@@ -112,11 +257,35 @@ mod tests {
             &["--socket", "/s", "--tap", "t", "--queue-size", "100"],
             &["--socket", "/s", "--tap", "t", "--mac", "01:00:00:00:00:01"],
             &["--socket", "/s", "--tap", "t", "--mtu", "10"],
+            &["--socket", "/s", "--tap", "t", "--socket-mode", "9"],
             &["--socket", "/s"],
             &["--tap", "t"],
             &["--socket", "/s", "--tap", "t", "--af-packet", "eth0"],
+            &["--socket", "/s", "--tap", "bad/name"],
         ] {
-            assert!(parse(bad).is_err(), "{bad:?} accepted");
+            assert!(spec(bad).is_err(), "{bad:?} accepted");
         }
+        assert!(parse(&["--config", "/c.toml", "--socket", "/s"]).is_err());
+    }
+
+    #[test]
+    fn ctl_subcommands() {
+        let a = parse(&["ctl", "--control", "/c", "stats", "vm0"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Some(Command::Ctl(CtlArgs {
+                op: CtlOp::Stats { name: Some(_) },
+                ..
+            }))
+        ));
+        let a = parse(&["ctl", "add", "--name", "x", "--socket", "/s", "--tap", "t"]).unwrap();
+        let Some(Command::Ctl(CtlArgs {
+            op: CtlOp::Add { name, port },
+            ..
+        })) = a.command
+        else {
+            panic!("not an add");
+        };
+        assert_eq!(port.to_spec(&name).unwrap().host, HostSpec::Tap("t".into()));
     }
 }

@@ -4,7 +4,12 @@
 
 pub mod af_packet;
 pub mod cli;
+pub mod config;
+pub mod control;
+pub mod metrics;
 pub mod netdev;
+pub mod ports;
 pub mod relay;
+pub mod sandbox;
 pub mod server;
 pub mod tap;

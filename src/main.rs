@@ -1,16 +1,26 @@
-//! The `vhost-pump` daemon: parses flags, opens the host port, serves the vhost-user socket.
+//! The `vhost-pump` daemon: parses flags, starts the ports, serves the control socket and the
+//! metrics endpoint, and stops cleanly on SIGINT/SIGTERM. `vhost-pump ctl` is the client of a
+//! running daemon's control socket.
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use vhost_net_backend::{HostPort, MacAddr, NetBackend, NetConfig};
-use vhost_pump::af_packet::AfPacketPort;
-use vhost_pump::cli::Args;
-use vhost_pump::{server, tap::TapPort};
+use vhost_pump::cli::{Args, Command, CtlArgs, CtlOp, LogFormat};
+use vhost_pump::config::DaemonConfig;
+use vhost_pump::control::{self, Request};
+use vhost_pump::ports::PortRegistry;
+use vhost_pump::{metrics, sandbox};
+
+/// Exit status for bad command lines.
+const USAGE: u8 = 2;
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("vhost-pump: {msg}");
+    ExitCode::from(USAGE)
+}
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -23,20 +33,39 @@ fn main() -> ExitCode {
             }
             let text = e.render().to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vhost-pump: {}", line.trim_start_matches("error: "));
-            return ExitCode::from(2);
+            return usage_error(line.trim_start_matches("error: "));
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level);
-    let Ok(filter) = filter else {
-        eprintln!("vhost-pump: invalid --log-level {:?}", args.log_level);
-        return ExitCode::from(2);
+    if let Some(Command::Ctl(ctl)) = &args.command {
+        return run_ctl(ctl);
+    }
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&args.log_level) else {
+        return usage_error(&format!("invalid --log-level {:?}", args.log_level));
     };
-    tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match run(args) {
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
+    let ports = match &args.config {
+        Some(path) => match DaemonConfig::load(path) {
+            Ok(c) => c.port,
+            Err(e) => return usage_error(&e.to_string()),
+        },
+        None if args.port.socket.is_none() && args.control.is_none() => {
+            return usage_error(
+                "one of --socket (with --tap or --af-packet) or --config is required",
+            )
+        }
+        None if args.port.socket.is_none() => Vec::new(),
+        None => match args.port.to_spec("main") {
+            Ok(s) => vec![s],
+            Err(e) => return usage_error(&e),
+        },
+    };
+    match run(&args, ports) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vhost-pump: {e:#}");
@@ -45,70 +74,80 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let queues = usize::from(args.queues);
-    let (port, mtu): (Arc<dyn HostPort>, u16) = match (&args.tap, &args.af_packet) {
-        (Some(name), _) => {
-            let tap = TapPort::open(name, queues, args.mtu)?;
-            let mtu = tap.mtu();
-            (Arc::new(tap), mtu)
+fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<()> {
+    let registry = Arc::new(PortRegistry::default());
+    let single = ports.len() == 1 && args.config.is_none();
+    let mut started = 0;
+    for spec in ports {
+        let name = spec.name.clone();
+        match registry.add(spec) {
+            Ok(()) => started += 1,
+            // With one port from flags, its failure is the daemon's failure.
+            Err(e) if single => return Err(e.into()),
+            // From a config file, a broken port must not keep its neighbours down.
+            Err(e) => tracing::error!(port = %name, error = %e, "port not started"),
         }
-        (None, Some(ifname)) => {
-            let port = AfPacketPort::open(ifname, queues, args.mtu)?;
-            let mtu = port.mtu();
-            (Arc::new(port), mtu)
-        }
-        (None, None) => anyhow::bail!("one of --tap or --af-packet is required"),
-    };
-    let mac = args
-        .mac
-        .unwrap_or_else(|| MacAddr::local_from_seed(args.socket.as_os_str().as_encoded_bytes()));
-    let config = NetConfig {
-        mac,
-        mtu,
-        queue_pairs: queues,
-        max_queue_size: args.queue_size,
-    };
-    let backend = Arc::new(
-        NetBackend::new(
-            config,
-            port,
-            Duration::from_micros(u64::from(args.busy_poll_us)),
-        )
-        .context("cannot build the device")?,
-    );
-
-    let socket = args.socket.clone();
-    let listener = if args.client {
-        None
-    } else {
-        Some(server::bind(&socket)?)
-    };
-    let remove_socket = !args.client;
+    }
+    if started == 0 && args.control.is_none() {
+        anyhow::bail!("no port could be started");
+    }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping");
-                if remove_socket {
-                    let _ = std::fs::remove_file(&socket);
-                }
-                std::process::exit(0);
-            }
-        })
-        .context("cannot start the signal thread")?;
+    if let Some(path) = &args.control {
+        control::spawn(path, registry.clone())?;
+    }
+    if let Some(addr) = &args.metrics {
+        metrics::spawn(addr, registry.clone())?;
+    }
+    if !args.no_sandbox {
+        // New ports can only come through the control socket; without one, the process never
+        // needs its privileges again.
+        sandbox::restrict_process(args.control.is_some()).context("cannot drop privileges")?;
+    }
+    tracing::info!(ports = started, "vhost-pump ready");
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "stopping");
+    }
+    registry.stop_all();
+    if let Some(path) = &args.control {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
 
-    tracing::info!(
-        socket = %args.socket.display(),
-        mode = if args.client { "client" } else { "server" },
-        %mac,
-        queues,
-        "vhost-pump ready"
-    );
-    match listener {
-        Some(l) => server::serve_listener(&l, &backend),
-        None => server::serve_client(&args.socket, &backend),
+fn run_ctl(ctl: &CtlArgs) -> ExitCode {
+    let req = match &ctl.op {
+        CtlOp::Add { name, port } => match port.to_spec(name) {
+            Ok(port) => Request::Add { port },
+            Err(e) => return usage_error(&e),
+        },
+        CtlOp::Remove { name } => Request::Remove { name: name.clone() },
+        CtlOp::List => Request::List,
+        CtlOp::Stats { name } => Request::Stats { name: name.clone() },
+    };
+    match control::request(&ctl.control, &req) {
+        Ok(resp) if resp.ok => {
+            if resp.ports.is_some() || resp.stats.is_some() {
+                let body = resp
+                    .ports
+                    .map(|p| serde_json::to_string_pretty(&p))
+                    .or_else(|| resp.stats.map(|s| serde_json::to_string_pretty(&s)));
+                if let Some(Ok(text)) = body {
+                    println!("{text}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("vhost-pump ctl: {}", resp.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "vhost-pump ctl: cannot reach {}: {e}",
+                ctl.control.display()
+            );
+            ExitCode::FAILURE
+        }
     }
 }

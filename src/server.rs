@@ -5,8 +5,8 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
@@ -66,14 +66,58 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     UnixListener::bind(path).map_err(|e| io_err("cannot listen on", e))
 }
 
-/// Serves frontends that connect to `listener`, one after the other, forever.
-pub fn serve_listener(listener: &UnixListener, backend: &Arc<NetBackend>) -> ! {
-    loop {
+/// Lets another thread stop a serving loop and see whether a frontend is connected.
+#[derive(Default)]
+pub struct ServeControl {
+    stopped: AtomicBool,
+    active: Mutex<Option<UnixStream>>,
+}
+
+impl ServeControl {
+    /// Asks the loop to end and cuts the current session. A server loop blocked in `accept`
+    /// also needs its listener shut down (see [`crate::ports`]).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(s) = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// True once [`ServeControl::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// True while a frontend session is up.
+    pub fn connected(&self) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn set_active(&self, s: Option<UnixStream>) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+}
+
+/// Serves frontends that connect to `listener`, one after the other, until stopped.
+pub fn serve_listener(listener: &UnixListener, backend: &Arc<NetBackend>, ctl: &ServeControl) {
+    while !ctl.is_stopped() {
         match listener.accept() {
             Ok((stream, _)) => {
+                if ctl.is_stopped() {
+                    break;
+                }
                 tracing::info!("frontend connected");
-                end_session(serve_connection(stream, backend));
+                end_session(serve_connection(stream, backend, ctl));
             }
+            Err(_) if ctl.is_stopped() => break,
             Err(e) => {
                 tracing::error!(error = %e, "accept failed");
                 std::thread::sleep(Duration::from_millis(100));
@@ -83,26 +127,30 @@ pub fn serve_listener(listener: &UnixListener, backend: &Arc<NetBackend>) -> ! {
 }
 
 /// Connects to `path` (the frontend is the server), waiting for it to appear, and reconnects
-/// with backoff after every session, forever.
-pub fn serve_client(path: &Path, backend: &Arc<NetBackend>) -> ! {
+/// with backoff after every session, until stopped.
+pub fn serve_client(path: &Path, backend: &Arc<NetBackend>, ctl: &ServeControl) {
     const MIN: Duration = Duration::from_millis(50);
     const MAX: Duration = Duration::from_secs(2);
     let mut backoff = MIN;
     let mut waiting_logged = false;
-    loop {
+    while !ctl.is_stopped() {
         match UnixStream::connect(path) {
             Ok(stream) => {
                 tracing::info!(socket = %path.display(), "connected to frontend");
                 backoff = MIN;
                 waiting_logged = false;
-                end_session(serve_connection(stream, backend));
+                end_session(serve_connection(stream, backend, ctl));
             }
             Err(e) => {
                 if !waiting_logged {
                     tracing::info!(socket = %path.display(), error = %e, "waiting for the frontend socket");
                     waiting_logged = true;
                 }
-                std::thread::sleep(backoff);
+                // Sleep in small steps so a stop request is seen quickly.
+                let until = std::time::Instant::now() + backoff;
+                while std::time::Instant::now() < until && !ctl.is_stopped() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 backoff = (backoff * 2).min(MAX);
             }
         }
@@ -153,8 +201,16 @@ fn log_counters(backend: &NetBackend) {
 pub fn serve_connection(
     frontend: UnixStream,
     backend: &Arc<NetBackend>,
+    ctl: &ServeControl,
 ) -> Result<(), ServerError> {
     backend.reset();
+    ctl.set_active(frontend.try_clone().ok());
+    let result = serve_session(frontend, backend);
+    ctl.set_active(None);
+    result
+}
+
+fn serve_session(frontend: UnixStream, backend: &Arc<NetBackend>) -> Result<(), ServerError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
         .map_err(|e| ServerError::Session(e.to_string()))?;

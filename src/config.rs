@@ -1,0 +1,298 @@
+//! Port specifications: what one vhost-user port is made of, from CLI flags, a TOML config file
+//! (`vhost-pump --config FILE`, one `[[port]]` table per port) or a control-socket request.
+//! Everything here is untrusted input and is validated before anything is created.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vhost_net_backend::MacAddr;
+
+/// Most ports one process serves.
+pub const MAX_PORTS: usize = 64;
+/// Longest path a Unix socket address can hold (sun_path minus the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Errors in a port specification or config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message (with line and column).
+        message: String,
+    },
+    /// A field value is out of range.
+    #[error("port {port:?}: {message}")]
+    Invalid {
+        /// Port name.
+        port: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Which host port backs the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "name")]
+pub enum HostSpec {
+    /// A tap device (attached, or created in the current network namespace).
+    Tap(String),
+    /// An existing interface used through AF_PACKET sockets.
+    AfPacket(String),
+}
+
+fn default_queues() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    1024
+}
+fn default_busy_poll() -> u32 {
+    50
+}
+
+/// One vhost-user port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Unique name (used in logs, metrics and `ctl`).
+    pub name: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Host side.
+    pub host: HostSpec,
+    /// Queue pairs.
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    /// Largest virtqueue size.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Guest MAC (default: derived from the socket path).
+    #[serde(default, with = "mac_text")]
+    pub mac: Option<MacAddr>,
+    /// Guest MTU.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Connect to the socket instead of listening.
+    #[serde(default)]
+    pub client: bool,
+    /// Busy-poll window after work, in microseconds.
+    #[serde(default = "default_busy_poll")]
+    pub busy_poll_us: u32,
+    /// Owner (user name or uid) of the server socket.
+    #[serde(default)]
+    pub socket_owner: Option<String>,
+    /// Group (name or gid) of the server socket.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Permission bits of the server socket, octal (default 0660).
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+}
+
+/// MAC addresses as "02:00:00:00:00:01" text in config files and requests.
+mod mac_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vhost_net_backend::MacAddr;
+
+    pub fn serialize<S: Serializer>(mac: &Option<MacAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            Some(m) => s.serialize_some(&m.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MacAddr>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The `--config` file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Ports to serve.
+    #[serde(default)]
+    pub port: Vec<PortSpec>,
+}
+
+impl DaemonConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: DaemonConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        if cfg.port.len() > MAX_PORTS {
+            return Err(ConfigError::Invalid {
+                port: String::new(),
+                message: format!("{} ports given, at most {MAX_PORTS}", cfg.port.len()),
+            });
+        }
+        for (i, p) in cfg.port.iter().enumerate() {
+            p.validate()?;
+            if cfg.port[..i].iter().any(|q| q.name == p.name) {
+                return Err(p.invalid("duplicate port name"));
+            }
+            if cfg.port[..i].iter().any(|q| q.socket == p.socket) {
+                return Err(p.invalid("socket path used by another port"));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl PortSpec {
+    fn invalid(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            port: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(self.invalid("name must be 1-64 characters of [A-Za-z0-9._-]"));
+        }
+        let sock = self.socket.as_os_str().len();
+        if sock == 0 || sock > MAX_SOCKET_PATH {
+            return Err(self.invalid(format!(
+                "socket path must be 1..={MAX_SOCKET_PATH} bytes, got {sock}"
+            )));
+        }
+        if !(1..=16).contains(&self.queues) {
+            return Err(self.invalid("queues must be 1..=16"));
+        }
+        if !(64..=32768).contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
+            return Err(self.invalid("queue_size must be a power of two in 64..=32768"));
+        }
+        if let Some(m) = self.mtu {
+            if !(68..=65500).contains(&m) {
+                return Err(self.invalid("mtu must be 68..=65500"));
+            }
+        }
+        if self.busy_poll_us > 1_000_000 {
+            return Err(self.invalid("busy_poll_us must be at most 1000000"));
+        }
+        let ifname = match &self.host {
+            HostSpec::Tap(n) | HostSpec::AfPacket(n) => n,
+        };
+        crate::netdev::IfName::new(ifname).map_err(|e| self.invalid(e.to_string()))?;
+        self.mode()?;
+        Ok(())
+    }
+
+    /// The socket permission bits.
+    pub fn mode(&self) -> Result<u32, ConfigError> {
+        match &self.socket_mode {
+            None => Ok(0o660),
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| self.invalid(format!("socket_mode {s:?} is not octal like 0660"))),
+        }
+    }
+
+    /// The guest MAC: given, or derived from the socket path.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+            .unwrap_or_else(|| MacAddr::local_from_seed(self.socket.as_os_str().as_encoded_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[port]]
+name = "vm0"
+socket = "/run/vp/vm0.sock"
+host = { kind = "tap", name = "vp0" }
+queues = 2
+mtu = 9000
+socket_mode = "0600"
+
+[[port]]
+name = "vm1"
+socket = "/run/vp/vm1.sock"
+host = { kind = "af-packet", name = "veth1" }
+client = true
+mac = "02:00:00:00:00:01"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = DaemonConfig::parse(GOOD).unwrap();
+        assert_eq!(c.port.len(), 2);
+        assert_eq!(c.port[0].host, HostSpec::Tap("vp0".into()));
+        assert_eq!(c.port[0].mode().unwrap(), 0o600);
+        assert_eq!(c.port[1].host, HostSpec::AfPacket("veth1".into()));
+        assert_eq!(
+            (
+                c.port[1].queues,
+                c.port[1].queue_size,
+                c.port[1].busy_poll_us
+            ),
+            (1, 1024, 50)
+        );
+        assert_eq!(c.port[1].mode().unwrap(), 0o660);
+        assert_eq!(c.port[1].mac().to_string(), "02:00:00:00:00:01");
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        let cases = [
+            (GOOD.replace("queues = 2", "queues = 99"), "queues"),
+            (GOOD.replace("mtu = 9000", "mtu = 1"), "mtu"),
+            (GOOD.replace("\"0600\"", "\"999\""), "socket_mode"),
+            (GOOD.replace("vm1.sock", "vm0.sock"), "socket path"),
+            (GOOD.replace("name = \"vm1\"", "name = \"vm0\""), "duplicate"),
+            (GOOD.replace("name = \"vm1\"", "name = \"a/b\""), "name"),
+            (GOOD.replace("\"veth1\"", "\"this-name-is-too-long\""), "interface"),
+            (GOOD.replace("kind = \"tap\"", "kind = \"vde\""), "unknown variant"),
+            (GOOD.replace("client = true", "client = true\nbogus = 1"), "unknown field"),
+            (GOOD.replace("02:00:00:00:00:01", "01:00:00:00:00:01"), "multicast"),
+            ("[[port]]\nname = 3".to_string(), "invalid type"),
+            (format!("{GOOD}\n[[port]]\nname = \"x\"\nsocket = \"/{}\"\nhost = {{ kind = \"tap\", name = \"t\" }}\n", "a".repeat(200)), "socket path must be"),
+        ];
+        for (text, want) in cases {
+            let err = DaemonConfig::parse(&text).expect_err(want).to_string();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+}

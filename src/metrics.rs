@@ -1,0 +1,273 @@
+//! Prometheus text exposition of every port's counters, served over HTTP on `--metrics ADDR`
+//! (`HOST:PORT`, or `unix:PATH`).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::ports::{DirectionSnapshot, PortRegistry, PortStats};
+
+/// Renders the counters in Prometheus text format 0.0.4.
+pub fn render(ports: &[PortStats]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, kind: &str, lines: &mut dyn FnMut(&mut String)| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        lines(&mut out);
+    };
+    let each = |f: &mut dyn FnMut(&mut String, &str, usize, &str, &DirectionSnapshot),
+                o: &mut String| {
+        for p in ports {
+            for (q, s) in p.queues.iter().enumerate() {
+                f(o, &p.name, q, "rx", &s.rx);
+                f(o, &p.name, q, "tx", &s.tx);
+            }
+        }
+    };
+    family(
+        "vhost_pump_port_connected",
+        "1 while a frontend is connected.",
+        "gauge",
+        &mut |o| {
+            for p in ports {
+                let _ = writeln!(
+                    o,
+                    "vhost_pump_port_connected{{port=\"{}\"}} {}",
+                    p.name,
+                    u8::from(p.connected)
+                );
+            }
+        },
+    );
+    family(
+        "vhost_pump_frames_total",
+        "Frames delivered (rx: to the guest, tx: from the guest).",
+        "counter",
+        &mut |o| {
+            each(
+                &mut |o, port, q, dir, d| {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_frames_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}",
+                        d.frames
+                    );
+                },
+                o,
+            )
+        },
+    );
+    family(
+        "vhost_pump_bytes_total",
+        "Bytes delivered, without the virtio-net header.",
+        "counter",
+        &mut |o| {
+            each(
+                &mut |o, port, q, dir, d| {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_bytes_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}",
+                        d.bytes
+                    );
+                },
+                o,
+            )
+        },
+    );
+    family(
+        "vhost_pump_notifications_total",
+        "Guest notifications sent.",
+        "counter",
+        &mut |o| {
+            each(
+                &mut |o, port, q, dir, d| {
+                    let _ = writeln!(o, "vhost_pump_notifications_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}", d.notifications);
+                },
+                o,
+            )
+        },
+    );
+    family(
+        "vhost_pump_drops_total",
+        "Frames or descriptor chains dropped, by reason.",
+        "counter",
+        &mut |o| {
+            each(
+                &mut |o, port, q, dir, d| {
+                    for (reason, n) in &d.drops {
+                        let _ = writeln!(o, "vhost_pump_drops_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\",reason=\"{reason}\"}} {n}");
+                    }
+                },
+                o,
+            )
+        },
+    );
+    family(
+        "vhost_pump_wakeups_total",
+        "Worker wake-ups that found work (busy) or none (idle).",
+        "counter",
+        &mut |o| {
+            for p in ports {
+                for (q, s) in p.queues.iter().enumerate() {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_wakeups_total{{port=\"{}\",queue=\"{q}\",kind=\"busy\"}} {}",
+                        p.name, s.busy_wakeups
+                    );
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_wakeups_total{{port=\"{}\",queue=\"{q}\",kind=\"idle\"}} {}",
+                        p.name, s.idle_wakeups
+                    );
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Errors starting the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Serves `GET /metrics` on `addr` from a background thread.
+pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError> {
+    let err = |source| MetricsError {
+        addr: addr.into(),
+        source,
+    };
+    enum Bound {
+        Tcp(std::net::TcpListener),
+        Unix(std::os::unix::net::UnixListener),
+    }
+    let bound = match addr.strip_prefix("unix:") {
+        Some(path) => {
+            let l = crate::server::bind(std::path::Path::new(path))
+                .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+            Bound::Unix(l)
+        }
+        None => Bound::Tcp(std::net::TcpListener::bind(addr).map_err(err)?),
+    };
+    match &bound {
+        Bound::Tcp(l) => l.set_nonblocking(true),
+        Bound::Unix(l) => l.set_nonblocking(true),
+    }
+    .map_err(err)?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                match bound {
+                    Bound::Tcp(l) => {
+                        let Ok(l) = tokio::net::TcpListener::from_std(l) else {
+                            return;
+                        };
+                        loop {
+                            if let Ok((s, _)) = l.accept().await {
+                                tokio::spawn(answer(s, registry.clone()));
+                            }
+                        }
+                    }
+                    Bound::Unix(l) => {
+                        let Ok(l) = tokio::net::UnixListener::from_std(l) else {
+                            return;
+                        };
+                        loop {
+                            if let Ok((s, _)) = l.accept().await {
+                                tokio::spawn(answer(s, registry.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        })
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Answers one HTTP request: `/metrics` gets the counters, anything else a 404.
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    registry: Arc<PortRegistry>,
+) {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while n < buf.len() {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        ("200 OK", render(&registry.stats(None).unwrap_or_default()))
+    } else {
+        ("404 Not Found", "not found\n".to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::QueuePairStats;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let d = |frames| DirectionSnapshot {
+            frames,
+            bytes: frames * 100,
+            notifications: 1,
+            drops: [("runt".to_string(), 2u64)].into_iter().collect(),
+        };
+        let p = PortStats {
+            name: "vm0".into(),
+            socket: "/s".into(),
+            connected: true,
+            acked_features: 0,
+            queues: vec![QueuePairStats {
+                rx: d(5),
+                tx: d(7),
+                busy_wakeups: 3,
+                idle_wakeups: 4,
+            }],
+        };
+        let text = render(&[p]);
+        for want in [
+            "# TYPE vhost_pump_frames_total counter",
+            "vhost_pump_port_connected{port=\"vm0\"} 1",
+            "vhost_pump_frames_total{port=\"vm0\",queue=\"0\",dir=\"rx\"} 5",
+            "vhost_pump_bytes_total{port=\"vm0\",queue=\"0\",dir=\"tx\"} 700",
+            "vhost_pump_drops_total{port=\"vm0\",queue=\"0\",dir=\"tx\",reason=\"runt\"} 2",
+            "vhost_pump_wakeups_total{port=\"vm0\",queue=\"0\",kind=\"idle\"} 4",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}

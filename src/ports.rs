@@ -1,0 +1,422 @@
+//! The ports one daemon serves: each is a host port, a device and a serving thread, started
+//! and stopped independently so that one port's failure or removal never touches the others.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+use vhost_net_backend::{DropReason, HostPort, NetBackend, NetConfig};
+
+use crate::af_packet::AfPacketPort;
+use crate::config::{HostSpec, PortSpec, MAX_PORTS};
+use crate::server::{self, ServeControl};
+use crate::tap::TapPort;
+
+/// Errors starting or managing a port.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// The specification is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A port of that name already runs.
+    #[error("a port named {0:?} already exists")]
+    Duplicate(String),
+    /// Another port uses the socket path.
+    #[error("socket {0} is already used by port {1:?}")]
+    SocketInUse(String, String),
+    /// No such port.
+    #[error("no port named {0:?}")]
+    NotFound(String),
+    /// Too many ports.
+    #[error("this daemon already serves {MAX_PORTS} ports")]
+    TooMany,
+    /// The tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
+    /// The AF_PACKET port could not be opened.
+    #[error(transparent)]
+    AfPacket(#[from] crate::af_packet::AfPacketError),
+    /// The device could not be built.
+    #[error(transparent)]
+    Backend(#[from] vhost_net_backend::BackendError),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    /// Socket ownership or permissions could not be applied.
+    #[error("socket {path}: {message}")]
+    Permissions {
+        /// Socket path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The serving thread could not start.
+    #[error("cannot start the serving thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A port being served.
+pub struct RunningPort {
+    spec: PortSpec,
+    backend: Arc<NetBackend>,
+    ctl: Arc<ServeControl>,
+    listener_fd: Option<RawFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningPort {
+    /// Opens the host port, builds the device, binds (or starts connecting to) the socket and
+    /// starts serving in a thread of its own.
+    pub fn start(spec: PortSpec) -> Result<Self, PortError> {
+        spec.validate()?;
+        let queues = usize::from(spec.queues);
+        let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
+            HostSpec::Tap(name) => {
+                let tap = TapPort::open(name, queues, spec.mtu)?;
+                let mtu = tap.mtu();
+                (Arc::new(tap), mtu)
+            }
+            HostSpec::AfPacket(ifname) => {
+                let p = AfPacketPort::open(ifname, queues, spec.mtu)?;
+                let mtu = p.mtu();
+                (Arc::new(p), mtu)
+            }
+        };
+        let config = NetConfig {
+            mac: spec.mac(),
+            mtu,
+            queue_pairs: queues,
+            max_queue_size: spec.queue_size,
+        };
+        let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
+        let backend = Arc::new(NetBackend::new(config, port, busy)?);
+        let ctl = Arc::new(ServeControl::default());
+        let listener = if spec.client {
+            None
+        } else {
+            let l = server::bind(&spec.socket)?;
+            if let Err(e) = apply_socket_permissions(&spec) {
+                let _ = std::fs::remove_file(&spec.socket);
+                return Err(e);
+            }
+            Some(l)
+        };
+        let listener_fd = listener.as_ref().map(|l| l.as_raw_fd());
+        let (b, c, socket, name) = (
+            backend.clone(),
+            ctl.clone(),
+            spec.socket.clone(),
+            spec.name.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("port-{}", spec.name))
+            .spawn(move || {
+                let span = tracing::info_span!("port", name = %name);
+                let _g = span.enter();
+                match listener {
+                    Some(l) => server::serve_listener(&l, &b, &c),
+                    None => server::serve_client(&socket, &b, &c),
+                }
+            })
+            .map_err(PortError::Thread)?;
+        tracing::info!(
+            port = %spec.name,
+            socket = %spec.socket.display(),
+            mode = if spec.client { "client" } else { "server" },
+            mac = %spec.mac(),
+            queues,
+            mtu,
+            "port ready"
+        );
+        Ok(RunningPort {
+            spec,
+            backend,
+            ctl,
+            listener_fd,
+            thread: Some(thread),
+        })
+    }
+
+    /// The port's specification.
+    pub fn spec(&self) -> &PortSpec {
+        &self.spec
+    }
+
+    /// Stops serving: ends the session, closes the socket (removing its file in server mode)
+    /// and releases the host port.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.ctl.stop();
+        if let Some(fd) = self.listener_fd.take() {
+            // SAFETY: the listener is owned by the serving thread, which is still running (it is
+            // joined below), so `fd` is open; shutdown only wakes its blocked accept().
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            let _ = std::fs::remove_file(&self.spec.socket);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// A snapshot of the port's state and counters.
+    pub fn stats(&self) -> PortStats {
+        PortStats {
+            name: self.spec.name.clone(),
+            socket: self.spec.socket.display().to_string(),
+            connected: self.ctl.connected(),
+            acked_features: self.backend.acked_features_now(),
+            queues: self
+                .backend
+                .stats()
+                .iter()
+                .map(|q| QueuePairStats {
+                    rx: DirectionSnapshot::of(&q.rx),
+                    tx: DirectionSnapshot::of(&q.tx),
+                    busy_wakeups: q.busy_wakeups.load(Relaxed),
+                    idle_wakeups: q.idle_wakeups.load(Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Drop for RunningPort {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Counters of one direction, as numbers.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DirectionSnapshot {
+    /// Frames delivered.
+    pub frames: u64,
+    /// Bytes delivered.
+    pub bytes: u64,
+    /// Notifications sent to the guest.
+    pub notifications: u64,
+    /// Drops by reason name.
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl DirectionSnapshot {
+    fn of(d: &vhost_net_backend::stats::DirectionStats) -> Self {
+        DirectionSnapshot {
+            frames: d.frames.load(Relaxed),
+            bytes: d.bytes.load(Relaxed),
+            notifications: d.notifications.load(Relaxed),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), d.drops_of(*r)))
+                .collect(),
+        }
+    }
+}
+
+/// Counters of one queue pair.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QueuePairStats {
+    /// Host → guest.
+    pub rx: DirectionSnapshot,
+    /// Guest → host.
+    pub tx: DirectionSnapshot,
+    /// Wake-ups that found work.
+    pub busy_wakeups: u64,
+    /// Wake-ups that found none.
+    pub idle_wakeups: u64,
+}
+
+/// State and counters of one port.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PortStats {
+    /// Port name.
+    pub name: String,
+    /// Socket path.
+    pub socket: String,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// Virtio features the guest acked in the current session.
+    pub acked_features: u64,
+    /// Per queue pair.
+    pub queues: Vec<QueuePairStats>,
+}
+
+/// All ports of the daemon.
+#[derive(Default)]
+pub struct PortRegistry {
+    ports: Mutex<BTreeMap<String, RunningPort>>,
+}
+
+impl PortRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPort>> {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a port; refuses duplicates of name or socket.
+    pub fn add(&self, spec: PortSpec) -> Result<(), PortError> {
+        spec.validate()?;
+        {
+            let ports = self.lock();
+            if ports.contains_key(&spec.name) {
+                return Err(PortError::Duplicate(spec.name));
+            }
+            if let Some(p) = ports.values().find(|p| p.spec.socket == spec.socket) {
+                return Err(PortError::SocketInUse(
+                    spec.socket.display().to_string(),
+                    p.spec.name.clone(),
+                ));
+            }
+            if ports.len() >= MAX_PORTS {
+                return Err(PortError::TooMany);
+            }
+        }
+        // Started outside the lock: opening a port can take a while and must not block others.
+        let running = RunningPort::start(spec)?;
+        let mut ports = self.lock();
+        let name = running.spec.name.clone();
+        if ports.contains_key(&name) {
+            return Err(PortError::Duplicate(name));
+        }
+        ports.insert(name, running);
+        Ok(())
+    }
+
+    /// Stops and removes a port.
+    pub fn remove(&self, name: &str) -> Result<(), PortError> {
+        let port = self
+            .lock()
+            .remove(name)
+            .ok_or_else(|| PortError::NotFound(name.into()))?;
+        port.stop();
+        tracing::info!(port = name, "port removed");
+        Ok(())
+    }
+
+    /// The specifications of all ports.
+    pub fn list(&self) -> Vec<PortSpec> {
+        self.lock().values().map(|p| p.spec.clone()).collect()
+    }
+
+    /// Counters of one port, or of all.
+    pub fn stats(&self, name: Option<&str>) -> Result<Vec<PortStats>, PortError> {
+        let ports = self.lock();
+        match name {
+            Some(n) => ports
+                .get(n)
+                .map(|p| vec![p.stats()])
+                .ok_or_else(|| PortError::NotFound(n.into())),
+            None => Ok(ports.values().map(RunningPort::stats).collect()),
+        }
+    }
+
+    /// Stops every port.
+    pub fn stop_all(&self) {
+        let ports = std::mem::take(&mut *self.lock());
+        for (_, p) in ports {
+            p.stop();
+        }
+    }
+}
+
+fn lookup_id(name: &str, user: bool) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let cname = CString::new(name).map_err(|_| format!("invalid name {name:?}"))?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    if user {
+        // SAFETY: passwd is plain old data; zeroed is a valid initial value.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and the buffer length is exact.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if rc != 0 || out.is_null() {
+            return Err(format!("no user named {name:?}"));
+        }
+        Ok(pw.pw_uid)
+    } else {
+        // SAFETY: group is plain old data; zeroed is a valid initial value.
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and the buffer length is exact.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut gr,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if rc != 0 || out.is_null() {
+            return Err(format!("no group named {name:?}"));
+        }
+        Ok(gr.gr_gid)
+    }
+}
+
+/// Applies mode/owner/group to a freshly bound server socket and checks its directory: a
+/// world-writable directory without the sticky bit would let anyone replace the socket.
+fn apply_socket_permissions(spec: &PortSpec) -> Result<(), PortError> {
+    let path = &spec.socket;
+    let err = |message: String| PortError::Permissions {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| err(format!("cannot inspect its directory: {e}")))?
+            .permissions()
+            .mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(err(format!(
+                "its directory {} is world-writable without the sticky bit; use a private directory",
+                dir.display()
+            )));
+        }
+    }
+    let mode = spec.mode()?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("cannot set mode {mode:o}: {e}")))?;
+    let uid = spec
+        .socket_owner
+        .as_deref()
+        .map(|u| lookup_id(u, true))
+        .transpose()
+        .map_err(err)?;
+    let gid = spec
+        .socket_group
+        .as_deref()
+        .map(|g| lookup_id(g, false))
+        .transpose()
+        .map_err(err)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(path, uid, gid)
+            .map_err(|e| err(format!("cannot change owner: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Path helper for tests and callers: true when `p` names an existing socket.
+pub fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
