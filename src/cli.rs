@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Do not install the seccomp filter nor drop capabilities (for debugging).
+    /// Do not sandbox port threads (seccomp filter, dropped capabilities); for debugging.
     #[arg(long)]
     pub no_sandbox: bool,
 }

@@ -75,6 +75,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<()> {
+    if !args.no_sandbox {
+        sandbox::enable();
+    }
     let registry = Arc::new(PortRegistry::default());
     let single = ports.len() == 1 && args.config.is_none();
     let mut started = 0;
@@ -98,11 +101,6 @@ fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<
     }
     if let Some(addr) = &args.metrics {
         metrics::spawn(addr, registry.clone())?;
-    }
-    if !args.no_sandbox {
-        // New ports can only come through the control socket; without one, the process never
-        // needs its privileges again.
-        sandbox::restrict_process(args.control.is_some()).context("cannot drop privileges")?;
     }
     tracing::info!(ports = started, "vhost-pump ready");
     if let Some(sig) = signals.forever().next() {

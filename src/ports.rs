@@ -120,6 +120,11 @@ impl RunningPort {
             .spawn(move || {
                 let span = tracing::info_span!("port", name = %name);
                 let _g = span.enter();
+                if crate::sandbox::enabled() {
+                    if let Err(e) = crate::sandbox::restrict_current_thread() {
+                        tracing::error!(error = %e, "port not sandboxed");
+                    }
+                }
                 match listener {
                     Some(l) => server::serve_listener(&l, &b, &c),
                     None => server::serve_client(&socket, &b, &c),
