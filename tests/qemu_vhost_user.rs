@@ -353,3 +353,82 @@ fn qemu_guest_client_mode() {
     assert!(out.contains(" 0% packet loss"), "{out}");
     drop(daemon);
 }
+
+/// A TCP stream keeps running while the backend is SIGKILLed and restarted twice: QEMU
+/// reconnects, the ring state is resumed from the frontend, the guest never reboots.
+#[test]
+fn tcp_survives_backend_restarts() {
+    if let Some(why) = guest::missing_prereqs() {
+        guest::skip_or_fail("tcp_survives_backend_restarts", &why);
+        return;
+    }
+    const RTAP: &str = "vprst0";
+    const RHOST: &str = "10.254.0.1";
+    let dir = workdir("qemu-restart");
+    let socket = dir.join("vu.sock");
+    let log = dir.join("vhost-pump.log");
+    let ns = Netns::create("vp-restart");
+    ns.exec(&["ip", "tuntap", "add", "dev", RTAP, "mode", "tap"]);
+    ns.exec(&["ip", "addr", "add", &format!("{RHOST}/24"), "dev", RTAP]);
+    let _iperf = Proc(
+        ns.cmd(&["iperf3", "-s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 server"),
+    );
+    let start = |ns: &Netns| {
+        let _ = std::fs::remove_file(&socket);
+        let p = spawn_daemon(ns, &socket, &log, RTAP, &["--log-level", "info"]);
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    };
+    let mut daemon = start(&ns);
+    let mut opts = GuestOpts::vhost_user(&socket, 1);
+    opts.net = NetKind::VhostUser {
+        socket: socket.clone(),
+        queues: 1,
+        reconnect: true,
+    };
+    opts.ip = Some("10.254.0.2/24".into());
+    opts.name = "restart".into();
+    let mut vm = QemuGuest::start(&opts).expect("start QEMU");
+    vm.wait_ready(Duration::from_secs(90)).expect("guest ready");
+    let t = Duration::from_secs(60);
+    let boot_id = vm.run_ok("cat /proc/sys/kernel/random/boot_id", t).unwrap();
+    vm.run_ok(
+        &format!("iperf3 -c {RHOST} -t 16 -f m > /tmp/iperf.log 2>&1 &"),
+        t,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(4));
+        let _ = daemon.0.kill();
+        let _ = daemon.0.wait();
+        drop(daemon);
+        std::thread::sleep(Duration::from_millis(500));
+        daemon = start(&ns);
+    }
+    let out = vm
+        .run_ok("wait; cat /tmp/iperf.log", Duration::from_secs(90))
+        .unwrap();
+    eprintln!("{out}");
+    assert!(
+        !out.contains("error"),
+        "iperf3 failed across restarts:\n{out}"
+    );
+    let mbps = iperf_mbps(&out).unwrap_or_else(|| panic!("no iperf3 result:\n{out}"));
+    assert!(mbps > 1.0, "{out}");
+    let after = vm.run_ok("cat /proc/sys/kernel/random/boot_id", t).unwrap();
+    assert_eq!(boot_id, after, "the guest rebooted");
+    let sessions = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        sessions.matches("frontend connected").count() >= 3,
+        "expected 3 sessions:\n{sessions}"
+    );
+    drop(daemon);
+}
