@@ -199,6 +199,10 @@ pub struct GuestOpts {
     /// For vhost-user: QEMU listens on the socket (`server=on,wait=off`) and the backend
     /// connects (`vhost-pump --client`), as with Kata Dragonball. `reconnect` is then unused.
     pub vhost_user_server: bool,
+    /// Serve QEMU's human monitor (HMP) on this Unix socket, for [`hmp`].
+    pub monitor_socket: Option<PathBuf>,
+    /// Allow memory hotplug up to this much memory (MiB), with 4 DIMM slots.
+    pub max_memory_mib: Option<u32>,
     /// Label for the log directory.
     pub name: String,
     /// Directory with `vmlinuz` and `initramfs.cpio.gz`; default: [`guest_dir`].
@@ -221,6 +225,8 @@ impl GuestOpts {
             kernel_args: Vec::new(),
             qemu_args: Vec::new(),
             vhost_user_server: false,
+            monitor_socket: None,
+            max_memory_mib: None,
             name: "guest".into(),
             guest_dir: None,
         }
@@ -270,7 +276,10 @@ impl GuestOpts {
             "-smp",
             &self.vcpus.max(1).to_string(),
             "-m",
-            &format!("{mem}M"),
+            &match self.max_memory_mib {
+                Some(max) => format!("{mem}M,slots=4,maxmem={max}M"),
+                None => format!("{mem}M"),
+            },
         ]);
         // No default devices or monitor; the serial port is QEMU's stdin/stdout; a guest
         // reboot (panic=-1) ends QEMU instead of looping.
@@ -280,7 +289,10 @@ impl GuestOpts {
             "-display",
             "none",
             "-monitor",
-            "none",
+            &match &self.monitor_socket {
+                Some(p) => format!("unix:{},server=on,wait=off", p.display()),
+                None => "none".into(),
+            },
         ]);
         push(&["-serial", "stdio", "-no-reboot"]);
 
@@ -737,4 +749,27 @@ fn shell_join(args: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Runs one command on QEMU's human monitor at `socket` and returns its output.
+pub fn hmp(socket: &Path, cmd: &str) -> io::Result<String> {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let read_prompt = |s: &mut UnixStream| -> io::Result<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).ends_with("(qemu) ") {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    read_prompt(&mut s)?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let out = read_prompt(&mut s)?;
+    Ok(out.trim_end_matches("(qemu) ").to_string())
 }

@@ -14,7 +14,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::NetConfig;
 use crate::features::{offered_features, offered_protocol_features, vnet_hdr_len, GuestOffloads};
@@ -174,7 +176,11 @@ impl VhostUserBackend for NetBackend {
         if let Err(e) = self.port.configure(vnet_hdr_len(features), offloads) {
             tracing::error!(error = %e, "cannot apply the guest's offloads to the host port");
         } else {
-            tracing::info!(features = format!("{features:#x}"), ?offloads, "guest features set");
+            tracing::info!(
+                features = format!("{features:#x}"),
+                ?offloads,
+                "guest features set"
+            );
         }
         for pair in 0..self.workers.len() {
             if let Some(mut w) = self.worker(pair) {
@@ -205,7 +211,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.config.queue_pairs).map(|p| 0b11u64 << (2 * p)).collect()
+        (0..self.config.queue_pairs)
+            .map(|p| 0b11u64 << (2 * p))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -233,5 +241,240 @@ impl VhostUserBackend for NetBackend {
         }
         // Never an error: an error here would end the worker thread for the whole session.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::*;
+    use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+    use super::*;
+    use crate::config::MacAddr;
+    use crate::features::HostCapabilities;
+    use crate::testing::*;
+
+    fn config(pairs: usize) -> NetConfig {
+        NetConfig {
+            mac: MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]),
+            mtu: 1500,
+            queue_pairs: pairs,
+            max_queue_size: 256,
+        }
+    }
+
+    fn backend(pairs: usize) -> (NetBackend, Arc<FakePort>) {
+        let port = Arc::new(FakePort::new(pairs));
+        let b = NetBackend::new(config(pairs), port.clone(), Duration::ZERO).unwrap();
+        (b, port)
+    }
+
+    #[test]
+    fn new_takes_one_host_queue_per_pair() {
+        let (b, port) = backend(3);
+        assert_eq!(*port.taken.lock().unwrap(), vec![0, 1, 2]);
+        assert_eq!(b.stats().len(), 3);
+        assert_eq!(b.config(), &config(3));
+    }
+
+    #[test]
+    fn new_rejects_bad_pair_counts_and_missing_queues() {
+        let port = Arc::new(FakePort::new(1));
+        for pairs in [0, crate::config::MAX_QUEUE_PAIRS + 1] {
+            let r = NetBackend::new(config(pairs), port.clone(), Duration::ZERO);
+            assert!(matches!(r, Err(BackendError::Config(_))));
+        }
+        // The port has one queue; a second pair cannot be opened.
+        let r = NetBackend::new(config(2), port, Duration::ZERO);
+        assert!(matches!(r, Err(BackendError::HostQueue { pair: 1, .. })));
+    }
+
+    #[test]
+    fn features_offered() {
+        let (one, _) = backend(1);
+        let f = one.features();
+        for b in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_HOST_TSO4,
+        ] {
+            assert_ne!(f & bit(b), 0, "feature bit {b} not offered");
+        }
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        assert_eq!(f & bit(VIRTIO_NET_F_MQ), 0);
+        assert_eq!(f & bit(VIRTIO_NET_F_GUEST_USO4), 0);
+
+        let (two, _) = backend(2);
+        assert_ne!(two.features() & bit(VIRTIO_NET_F_MQ), 0);
+
+        let port = Arc::new(FakePort {
+            caps: HostCapabilities { uso: true },
+            ..FakePort::new(1)
+        });
+        let uso = NetBackend::new(config(1), port, Duration::ZERO).unwrap();
+        let f = uso.features();
+        for b in [
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+            VIRTIO_NET_F_HOST_USO,
+        ] {
+            assert_ne!(f & bit(b), 0, "feature bit {b} not offered");
+        }
+
+        let p = one.protocol_features();
+        assert!(p.contains(VhostUserProtocolFeatures::MQ));
+        assert!(p.contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(p.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    }
+
+    #[test]
+    fn config_space() {
+        let (b, _) = backend(2);
+        let c = b.get_config(0, 12);
+        assert_eq!(&c[..6], &[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        assert_eq!(
+            u16::from_le_bytes([c[6], c[7]]),
+            VIRTIO_NET_S_LINK_UP as u16
+        );
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 2);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500);
+        assert_eq!(b.get_config(10, 2), 1500u16.to_le_bytes());
+        assert!(b.get_config(8, 8).is_empty());
+        assert!(b.get_config(u32::MAX, 1).is_empty());
+    }
+
+    #[test]
+    fn queues_and_threads() {
+        let (b, _) = backend(3);
+        assert_eq!(b.num_queues(), 6);
+        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.queues_per_thread(), vec![0b11, 0b1100, 0b11_0000]);
+        assert!(b.exit_event(0).is_some());
+        // Host events use a token the library does not reserve (0..=num_queues).
+        assert_eq!(host_token(b.num_queues()), 7);
+    }
+
+    #[test]
+    fn acked_features_configure_the_host_port() {
+        let (b, port) = backend(2);
+        let acked = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_ECN);
+        b.acked_features(acked);
+        assert_eq!(b.acked_features_now(), acked);
+        b.acked_features(0);
+        b.acked_features(bit(VIRTIO_NET_F_GUEST_TSO4));
+        let expect = GuestOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            uso4: false,
+            uso6: false,
+        };
+        assert_eq!(
+            *port.configured.lock().unwrap(),
+            vec![
+                (12, expect),
+                (10, GuestOffloads::default()),
+                (10, GuestOffloads::default())
+            ]
+        );
+        // Every worker follows the features.
+        for pair in 0..2 {
+            assert_eq!(b.worker(pair).unwrap().header(), (10, false));
+        }
+        b.acked_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF));
+        for pair in 0..2 {
+            assert_eq!(b.worker(pair).unwrap().header(), (12, true));
+        }
+    }
+
+    #[test]
+    fn configure_failure_is_not_fatal() {
+        let port = Arc::new(FakePort {
+            configure_fails: true,
+            ..FakePort::new(1)
+        });
+        let b = NetBackend::new(config(1), port.clone(), Duration::ZERO).unwrap();
+        b.acked_features(bit(VIRTIO_F_VERSION_1));
+        assert_eq!(port.configured.lock().unwrap().len(), 1);
+        assert_eq!(b.worker(0).unwrap().header(), (12, false));
+    }
+
+    /// Drives two queue pairs through the backend trait, as the library's worker threads do.
+    #[test]
+    fn handle_event_moves_frames_per_pair() {
+        let (gm, mem) = guest_memory();
+        let (b, port) = backend(2);
+        b.update_memory(mem.clone()).unwrap();
+        b.acked_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF));
+        b.set_event_idx(false);
+        // Pair 1's rings (queues 2 and 3); pair 0 is never touched.
+        let mut rx = Driver::new(&gm, RX_RING, 16, RX_BUFS);
+        let mut tx = Driver::new(&gm, TX_RING, 16, TX_BUFS);
+        let vrings = [rx.vring(&mem), tx.vring(&mem)];
+        let (rx_head, rx_buf) = rx.add_rx(1536);
+        rx.add_rx(1536);
+        let out = frame(12, 12 + 60, 1);
+        tx.add_tx(&out, &[12, 0]);
+        let inbound = frame(12, 12 + 70, 2);
+        port.queues[1].push(inbound.clone());
+
+        // A TX kick (token 1 of the thread) moves the TX frame and, since the host queue has
+        // not reported WouldBlock yet, the waiting RX frame.
+        b.handle_event(1, EventSet::IN, &vrings, 1).unwrap();
+        assert_eq!(port.queues[1].sent(), vec![out]);
+        assert_eq!(port.queues[0].sent(), Vec::<Vec<u8>>::new());
+        assert_eq!(rx.all_used(), vec![(u32::from(rx_head), 82)]);
+        let mut expect = inbound;
+        expect[10..12].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(rx.read(rx_buf, 82), expect);
+        assert_eq!(b.stats()[1].tx.frames.load(Relaxed), 1);
+        assert_eq!(b.stats()[1].rx.frames.load(Relaxed), 1);
+        assert_eq!(b.stats()[0].tx.frames.load(Relaxed), 0);
+
+        // The host queue said WouldBlock: an RX kick alone does not read it again, the host
+        // event token does.
+        port.queues[1].push(frame(12, 12 + 30, 3));
+        b.handle_event(0, EventSet::IN, &vrings, 1).unwrap();
+        assert_eq!(port.queues[1].pending(), 1);
+        let token = host_token(b.num_queues()) as u16;
+        b.handle_event(token, EventSet::IN, &vrings, 1).unwrap();
+        assert_eq!(port.queues[1].pending(), 0);
+        assert_eq!(rx.used_idx(), 2);
+
+        // GET_VRING_BASE on queue 2 (pair 1's RX) gives the held buffer back.
+        rx.add_rx(1536);
+        port.queues[1].push(frame(12, 12 + 30, 4));
+        rx.add_rx(1536);
+        b.handle_event(token, EventSet::IN, &vrings, 1).unwrap();
+        assert_eq!(vrings[0].queue_next_avail(), 4);
+        b.stop_vring(3).unwrap();
+        assert_eq!(vrings[0].queue_next_avail(), 4);
+        b.stop_vring(2).unwrap();
+        assert_eq!(vrings[0].queue_next_avail(), 3);
+        assert_eq!(rx.used_idx(), 3);
+
+        // A new session starts clean.
+        b.reset();
+        assert_eq!(b.acked_features_now(), 0);
+        assert_eq!(b.worker(1).unwrap().header(), (10, false));
     }
 }

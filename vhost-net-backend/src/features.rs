@@ -85,7 +85,9 @@ pub fn offered_features(queue_pairs: usize, caps: HostCapabilities) -> u64 {
         | bit(VIRTIO_NET_F_MTU)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if caps.uso {
-        f |= bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6) | bit(VIRTIO_NET_F_HOST_USO);
+        f |= bit(VIRTIO_NET_F_GUEST_USO4)
+            | bit(VIRTIO_NET_F_GUEST_USO6)
+            | bit(VIRTIO_NET_F_HOST_USO);
     }
     if queue_pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
@@ -122,7 +124,10 @@ mod tests {
     #[test]
     fn segmentation_needs_checksum() {
         let acked = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
-        assert_eq!(GuestOffloads::from_features(acked), GuestOffloads::default());
+        assert_eq!(
+            GuestOffloads::from_features(acked),
+            GuestOffloads::default()
+        );
         let o = GuestOffloads::from_features(acked | bit(VIRTIO_NET_F_GUEST_CSUM));
         assert!(o.csum && o.tso4 && o.tso6 && !o.uso4 && o.any_gso());
     }

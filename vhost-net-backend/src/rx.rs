@@ -192,3 +192,82 @@ impl RxBuffers {
         used
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vhost_user_backend::VringT;
+    use vm_memory::GuestAddressSpace;
+
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn mergeable_prepare_takes_and_offers_only_what_a_frame_needs() {
+        let (gm, mem) = guest_memory();
+        let mut d = Driver::new(&gm, RX_RING, 16, RX_BUFS);
+        let bufs: Vec<_> = (0..4).map(|_| d.add_rx(1000)).collect();
+        let vring = d.vring(&mem);
+        let m = mem.memory().into_inner();
+        let stats = DirectionStats::default();
+        let mut rx = RxBuffers::default();
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+
+        let Slot::Ready(iov) = rx.prepare(q, &m, 1500, true, &stats) else {
+            panic!("starved with buffers posted");
+        };
+        assert_eq!(iov.len(), 2);
+        assert_eq!(rx.held(), 2);
+        assert_eq!(q.next_avail(), 2);
+        assert_eq!(rx.complete(q, &m, 1200, true), 2);
+        assert_eq!(rx.held(), 0);
+        assert_eq!(
+            d.all_used(),
+            vec![(u32::from(bufs[0].0), 1000), (u32::from(bufs[1].0), 200)]
+        );
+        assert_eq!(d.read(bufs[0].1 + 10, 2), vec![2, 0]);
+
+        // The two remaining buffers; a frame of exactly one buffer uses one.
+        let Slot::Ready(_) = rx.prepare(q, &m, 1500, true, &stats) else {
+            panic!("starved with buffers posted");
+        };
+        assert_eq!(rx.complete(q, &m, 1000, false), 1);
+        // Without a num_buffers field nothing is written into the header area.
+        assert_eq!(d.read(bufs[2].1 + 10, 2), vec![0xee, 0xee]);
+        // One buffer of 1000 bytes left, 1500 needed, ring not full: starved, still held.
+        assert!(matches!(
+            rx.prepare(q, &m, 1500, true, &stats),
+            Slot::Starved
+        ));
+        assert_eq!(rx.held(), 1);
+        rx.give_back(q);
+        assert_eq!(q.next_avail(), 3);
+        assert_eq!(stats.total_drops(), 0);
+    }
+
+    #[test]
+    fn empty_chains_are_returned_and_counted() {
+        let (gm, mem) = guest_memory();
+        let mut d = Driver::new(&gm, RX_RING, 16, RX_BUFS);
+        let a = d.alloc(16);
+        let empty = d.add_chain(&[(a, 0, WRITE)]);
+        let (good, _) = d.add_rx(2048);
+        let vring = d.vring(&mem);
+        let m = mem.memory().into_inner();
+        let stats = DirectionStats::default();
+        let mut rx = RxBuffers::default();
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        let Slot::Ready(iov) = rx.prepare(q, &m, 1500, false, &stats) else {
+            panic!("starved with a good buffer posted");
+        };
+        assert_eq!(iov.len(), 1);
+        assert_eq!(iov[0].iov_len, 2048);
+        assert_eq!(stats.drops_of(DropReason::BadChain), 1);
+        assert_eq!(rx.complete(q, &m, 100, true), 1);
+        assert_eq!(
+            d.all_used(),
+            vec![(u32::from(empty), 0), (u32::from(good), 100)]
+        );
+    }
+}

@@ -35,6 +35,14 @@ struct Pass {
     more: bool,
 }
 
+/// True when the guest's avail index claims at most a ring's worth of new entries. With a bogus
+/// index, `pop_descriptor_chain` yields nothing while `enable_notification` keeps reporting new
+/// entries, so a loop trusting the latter would spin forever.
+fn avail_idx_sane(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0.wrapping_sub(q.next_avail()) <= q.size())
+}
+
 /// The state of one queue pair.
 pub struct QueuePairWorker {
     port: Box<dyn HostQueue>,
@@ -82,6 +90,12 @@ impl QueuePairWorker {
         };
         w.set_features(0);
         w
+    }
+
+    /// The negotiated header length and MRG_RXBUF, for tests.
+    #[cfg(test)]
+    pub(crate) fn header(&self) -> (usize, bool) {
+        (self.hdr_len, self.mergeable)
     }
 
     /// The host queue's receive fd.
@@ -202,9 +216,15 @@ impl QueuePairWorker {
                     Err(reason) => self.tx_drop(reason),
                 }
                 self.tx_iov.clear();
-                if q.add_used(mem.as_ref(), head, 0).is_err() {
-                    self.tx_drop(DropReason::BadAddress);
-                    break 'ring;
+                match q.add_used(mem.as_ref(), head, 0) {
+                    Ok(()) => {}
+                    // A head index beyond the ring (counted as a bad chain above) has no used
+                    // entry to take; the chains behind it are still served.
+                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
+                    Err(_) => {
+                        self.tx_drop(DropReason::BadAddress);
+                        break 'ring;
+                    }
                 }
                 pass.moved += 1;
                 if pass.moved >= BUDGET {
@@ -213,7 +233,7 @@ impl QueuePairWorker {
                 }
             }
             match q.enable_notification(mem.as_ref()) {
-                Ok(true) => continue,
+                Ok(true) if avail_idx_sane(q, mem) => continue,
                 _ => break,
             }
         }
@@ -249,12 +269,15 @@ impl QueuePairWorker {
                 pass.more = true;
                 break;
             }
-            let iov = match self.rx_bufs.prepare(q, mem, need, self.mergeable, &self.stats.rx) {
+            let iov = match self
+                .rx_bufs
+                .prepare(q, mem, need, self.mergeable, &self.stats.rx)
+            {
                 Slot::Ready(iov) => iov,
                 Slot::Starved => {
                     // Ask the guest for a kick when it posts buffers; re-check for a race.
                     match q.enable_notification(mem.as_ref()) {
-                        Ok(true) => {
+                        Ok(true) if avail_idx_sane(q, mem) => {
                             let _ = q.disable_notification(mem.as_ref());
                             continue;
                         }
@@ -267,8 +290,7 @@ impl QueuePairWorker {
             match unsafe { self.port.recv(iov) } {
                 Ok(len) if len >= self.hdr_len => {
                     let hdr_has_num_buffers = self.hdr_len > crate::features::VNET_HDR_LEN_LEGACY;
-                    self.rx_bufs
-                        .complete(q, mem, len, hdr_has_num_buffers);
+                    self.rx_bufs.complete(q, mem, len, hdr_has_num_buffers);
                     self.stats.rx.frame(len - self.hdr_len);
                     pass.moved += 1;
                 }
@@ -549,11 +571,8 @@ mod tests {
             SplitDescriptor::new(buf + 62, 50, 0, 0),
         ];
         for (i, d) in descs.iter().enumerate() {
-            gm.write_obj(
-                RawDescriptor::from(*d),
-                GuestAddress(table + 16 * i as u64),
-            )
-            .unwrap();
+            gm.write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
+                .unwrap();
         }
         let h = p.tx.add_chain(&[(table, 48, INDIRECT)]);
         p.run(false);
@@ -679,7 +698,12 @@ mod tests {
         // The guest claims 17 new entries on a 16-entry ring.
         p.tx.set_avail_idx(17);
         let Pair {
-            worker, vrings, host, stats, tx, ..
+            worker,
+            vrings,
+            host,
+            stats,
+            tx,
+            ..
         } = p;
         handle_returns(worker, vrings);
         assert!(host.sent().is_empty());
@@ -695,11 +719,511 @@ mod tests {
         p.rx.set_avail_idx(17);
         p.host.push(frame(12, 100, 1));
         let Pair {
-            worker, vrings, host, stats, rx, ..
+            worker,
+            vrings,
+            host,
+            stats,
+            rx,
+            ..
         } = p;
         handle_returns(worker, vrings);
         assert_eq!(host.pending(), 1);
         assert_eq!(stats.rx.frames.load(Relaxed), 0);
         assert_eq!(rx.used_idx(), 0);
+    }
+
+    // ---- RX ----
+
+    #[test]
+    fn rx_without_mrg_rxbuf_lands_in_one_chain() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let call = install_call(&p.vrings[RX]);
+        // A header descriptor and a data descriptor, like Linux's small-buffer mode.
+        let hdr = p.rx.alloc(12);
+        let data = p.rx.alloc(1518);
+        let head = p.rx.add_chain(&[(hdr, 12, WRITE), (data, 1518, WRITE)]);
+        let f = frame(12, 12 + 100, 5);
+        p.host.push(f.clone());
+        p.run(true);
+
+        assert_eq!(p.rx.all_used(), vec![(u32::from(head), 112)]);
+        assert_eq!(num_buffers(&p.rx, hdr), 1);
+        let mut expect = f.clone();
+        expect[10..12].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(p.rx.read(hdr, 12), expect[..12]);
+        assert_eq!(p.rx.read(data, 100), expect[12..]);
+        // Nothing written past the frame.
+        assert_eq!(p.rx.read(data + 100, 4), vec![0xee; 4]);
+        // The whole chain was offered to the host.
+        assert_eq!(p.host.state().recv_capacity, vec![12 + 1518]);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 1);
+        assert_eq!(p.stats.rx.bytes.load(Relaxed), 100);
+        assert_eq!(p.stats.rx.total_drops(), 0);
+        assert_eq!(p.stats.rx.notifications.load(Relaxed), 1);
+        assert_eq!(interrupts(&call), 1);
+    }
+
+    #[test]
+    fn rx_legacy_header_has_no_num_buffers() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, 0);
+        let (head, buf) = p.rx.add_rx(1536);
+        let f = frame(10, 10 + 60, 6);
+        p.host.push(f.clone());
+        p.run(true);
+        // Bytes 10..12 are frame data, not a num_buffers field.
+        assert_eq!(p.rx.read(buf, f.len()), f);
+        assert_eq!(p.rx.all_used(), vec![(u32::from(head), 70)]);
+        assert_eq!(p.stats.rx.bytes.load(Relaxed), 60);
+    }
+
+    #[test]
+    fn rx_legacy_with_mrg_rxbuf_has_num_buffers() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, MRG);
+        let (_, buf) = p.rx.add_rx(1536);
+        p.host.push(frame(12, 12 + 60, 6));
+        p.run(true);
+        assert_eq!(num_buffers(&p.rx, buf), 1);
+        assert_eq!(p.stats.rx.bytes.load(Relaxed), 60);
+    }
+
+    #[test]
+    fn rx_mrg_rxbuf_spreads_a_large_frame_over_buffers() {
+        let (gm, mem) = guest_memory();
+        // GSO acked: a frame may be 64 KiB, so 43 buffers of 1536 bytes are held per frame.
+        let mut p = pair(&gm, &mem, (64, 16), 1500, V1 | MRG | GSO);
+        let bufs: Vec<(u16, u64)> = (0..48).map(|_| p.rx.add_rx(1536)).collect();
+        let big = frame(12, 12 + 5000, 7);
+        let small = frame(12, 12 + 60, 8);
+        p.host.push(big.clone());
+        p.host.push(small.clone());
+        p.run(true);
+
+        let used = p.rx.all_used();
+        let ids: Vec<u32> = bufs.iter().take(5).map(|b| u32::from(b.0)).collect();
+        assert_eq!(
+            used,
+            vec![
+                (ids[0], 1536),
+                (ids[1], 1536),
+                (ids[2], 1536),
+                (ids[3], 5012 - 3 * 1536),
+                (ids[4], 72),
+            ]
+        );
+        assert_eq!(num_buffers(&p.rx, bufs[0].1), 4);
+        assert_eq!(num_buffers(&p.rx, bufs[4].1), 1);
+        let mut got = Vec::new();
+        for b in &bufs[..4] {
+            got.extend(p.rx.read(b.1, 1536));
+        }
+        got.truncate(big.len());
+        let mut expect = big.clone();
+        expect[10..12].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(got, expect);
+        // Buffers 2..4 start with frame data, not with a header.
+        assert_eq!(p.rx.read(bufs[1].1, 16), big[1536..1536 + 16]);
+        let mut expect = small.clone();
+        expect[10..12].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(p.rx.read(bufs[4].1, small.len()), expect);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 2);
+        assert_eq!(p.stats.rx.bytes.load(Relaxed), 5060);
+        // Every recv was offered room for the largest frame.
+        assert!(p
+            .host
+            .state()
+            .recv_capacity
+            .iter()
+            .all(|&c| c >= 12 + MAX_GSO_FRAME));
+        // The buffers taken ahead of the next frame go back to the guest on stop.
+        assert_eq!(p.worker.rx_bufs.held(), 43);
+        assert_eq!(p.next_avail(RX), 48);
+        p.worker.stop(RX);
+        assert_eq!(p.next_avail(RX), 5);
+        assert_eq!(p.worker.rx_bufs.held(), 0);
+        // Stopping TX leaves RX alone.
+        p.worker.stop(TX);
+        assert_eq!(p.next_avail(RX), 5);
+    }
+
+    #[test]
+    fn rx_mrg_rxbuf_uses_a_full_ring_smaller_than_a_gso_frame() {
+        let (gm, mem) = guest_memory();
+        // Eight buffers hold less than a 64 KiB frame, but they are all the guest can give.
+        let mut p = pair(&gm, &mem, (8, 16), 1500, V1 | MRG | GSO);
+        let bufs: Vec<(u16, u64)> = (0..8).map(|_| p.rx.add_rx(1536)).collect();
+        p.host.push(frame(12, 12 + 5000, 7));
+        p.run(true);
+        assert_eq!(p.rx.used_idx(), 4);
+        assert_eq!(num_buffers(&p.rx, bufs[0].1), 4);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn rx_mrg_rxbuf_without_gso_needs_one_mtu_frame_of_buffers() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG);
+        // Two 1024-byte buffers: together they hold a 1500-MTU frame.
+        let a = p.rx.add_rx(1024);
+        let b = p.rx.add_rx(1024);
+        let f = frame(12, 12 + 1514, 3);
+        p.host.push(f.clone());
+        p.run(true);
+        assert_eq!(
+            p.rx.all_used(),
+            vec![(u32::from(a.0), 1024), (u32::from(b.0), 1526 - 1024)]
+        );
+        assert_eq!(num_buffers(&p.rx, a.1), 2);
+        assert_eq!(p.rx.read(b.1, 1526 - 1024), f[1024..]);
+    }
+
+    #[test]
+    fn rx_starvation_keeps_the_frame_until_buffers_come() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.vrings[RX].set_queue_event_idx(true);
+        let f1 = frame(12, 12 + 80, 1);
+        let f2 = frame(12, 12 + 90, 2);
+        p.host.push(f1.clone());
+        p.host.push(f2.clone());
+
+        // No buffers at all.
+        p.run(true);
+        assert_eq!(p.host.pending(), 2);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 0);
+        assert_eq!(p.stats.rx.total_drops(), 0);
+        assert_eq!(p.rx.used_idx(), 0);
+
+        // One buffer: one frame goes, the other waits, and the device asks for a kick.
+        let (h1, b1) = p.rx.add_rx(1536);
+        p.run(false);
+        assert_eq!(p.rx.all_used(), vec![(u32::from(h1), 92)]);
+        assert_eq!(p.rx.read(b1, 12 + 80)[12..], f1[12..]);
+        assert_eq!(p.host.pending(), 1);
+        assert_eq!(p.rx.avail_event(), 1);
+        assert_eq!(p.stats.rx.total_drops(), 0);
+
+        // The guest's kick (no host event) delivers the waiting frame.
+        let (h2, b2) = p.rx.add_rx(1536);
+        p.run(false);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.used(1), (u32::from(h2), 102));
+        assert_eq!(p.rx.read(b2, 12 + 90)[12..], f2[12..]);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn rx_starvation_without_event_idx_reenables_kicks() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.rx.add_rx(1536);
+        p.host.push(frame(12, 100, 1));
+        p.host.push(frame(12, 100, 2));
+        p.run(true);
+        assert_eq!(p.host.pending(), 1);
+        // VRING_USED_F_NO_NOTIFY is clear: the guest will kick when it posts a buffer.
+        assert_eq!(p.rx.used_flags(), 0);
+        p.rx.add_rx(1536);
+        p.run(false);
+        assert_eq!(p.host.pending(), 0);
+    }
+
+    #[test]
+    fn rx_after_host_drained_waits_for_host_event() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.rx.add_rx(1536);
+        p.rx.add_rx(1536);
+        p.run(true);
+        // The host said WouldBlock; a frame arriving now is picked up on the host's event.
+        p.host.push(frame(12, 100, 1));
+        p.run(false);
+        assert_eq!(p.host.pending(), 1);
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.used_idx(), 1);
+    }
+
+    #[test]
+    fn rx_give_back_rewinds_next_avail_by_held_chains() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG | GSO);
+        for _ in 0..10 {
+            p.rx.add_rx(1536);
+        }
+        // Ten buffers are not enough for a GSO frame: all held, nothing used.
+        p.host.push(frame(12, 100, 1));
+        p.run(true);
+        assert_eq!(p.host.pending(), 1);
+        assert_eq!(p.next_avail(RX), 10);
+        assert_eq!(p.worker.rx_bufs.held(), 10);
+        p.worker.stop(RX);
+        assert_eq!(p.next_avail(RX), 0);
+        // A new session resumes from the given-back position and sees the same buffers.
+        p.rx.add_rx(1536);
+        p.worker.stop(RX);
+        p.worker.set_features(V1);
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.used(0).1, 100);
+        // One buffer is taken ahead for the next frame.
+        assert_eq!(p.next_avail(RX), 2);
+        assert_eq!(p.worker.rx_bufs.held(), 1);
+    }
+
+    #[test]
+    fn rx_give_back_across_ring_wrap() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (4, 16), 1500, V1 | MRG);
+        // Several laps around a 4-entry ring; one frame per buffer.
+        for lap in 0..5u8 {
+            for _ in 0..4 {
+                p.rx.add_rx(1536);
+            }
+            for i in 0..4 {
+                p.host.push(frame(12, 100, lap ^ i));
+            }
+            p.run(true);
+            assert_eq!(p.host.pending(), 0, "lap {lap}");
+        }
+        assert_eq!(p.rx.used_idx(), 20);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 20);
+        // Two held buffers taken across the wrap of the 16-bit index space go back exactly.
+        p.vrings[RX].set_queue_next_avail(u16::MAX - 1);
+        p.vrings[RX]
+            .get_mut()
+            .get_queue_mut()
+            .set_next_used(u16::MAX - 1);
+        p.rx.set_avail_idx(u16::MAX - 1);
+        p.rx.add_rx(1024);
+        p.rx.add_rx(1024);
+        assert_eq!(p.rx.avail_idx(), 0);
+        p.run(true);
+        assert_eq!(p.worker.rx_bufs.held(), 2);
+        assert_eq!(p.next_avail(RX), 0);
+        p.worker.stop(RX);
+        assert_eq!(p.next_avail(RX), u16::MAX - 1);
+    }
+
+    #[test]
+    fn rx_bad_chain_is_returned_empty_and_counted() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let a = p.rx.alloc(1536);
+        let bad = p.rx.add_chain(&[(a, 1536, 0)]);
+        let outside = p.rx.add_chain(&[(MEM_SIZE as u64, 1536, WRITE)]);
+        let (good, buf) = p.rx.add_rx(1536);
+        let f = frame(12, 12 + 50, 1);
+        p.host.push(f);
+        p.run(true);
+        assert_eq!(
+            p.rx.all_used(),
+            vec![
+                (u32::from(bad), 0),
+                (u32::from(outside), 0),
+                (u32::from(good), 62)
+            ]
+        );
+        assert_eq!(p.stats.rx.drops_of(DropReason::WrongDirection), 1);
+        assert_eq!(p.stats.rx.drops_of(DropReason::BadAddress), 1);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 1);
+        // The read-only buffer was not written.
+        assert_eq!(p.rx.read(a, 16), vec![0xee; 16]);
+        assert_eq!(num_buffers(&p.rx, buf), 1);
+    }
+
+    #[test]
+    fn rx_bad_chain_behind_held_buffers_keeps_ring_order() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG);
+        // 1024-byte buffers: two are needed for an MTU frame, and a bad chain sits between.
+        let (g1, _) = p.rx.add_rx(1024);
+        let a = p.rx.alloc(1024);
+        let bad = p.rx.add_chain(&[(a, 1024, 0)]);
+        let (g2, b2) = p.rx.add_rx(1024);
+        p.host.push(frame(12, 100, 1));
+        p.host.push(frame(12, 200, 2));
+        p.run(true);
+        // The first frame takes the held buffer; the bad chain is returned only after it.
+        assert_eq!(
+            p.rx.all_used(),
+            vec![(u32::from(g1), 100), (u32::from(bad), 0)]
+        );
+        // One 1024-byte buffer is less than an MTU frame: the second frame waits for more.
+        assert_eq!(p.host.pending(), 1);
+        p.rx.add_rx(1024);
+        p.run(false);
+        // Used in ring order: the first buffer, the bad chain, then the second buffer.
+        assert_eq!(
+            p.rx.all_used(),
+            vec![
+                (u32::from(g1), 100),
+                (u32::from(bad), 0),
+                (u32::from(g2), 200)
+            ]
+        );
+        assert_eq!(num_buffers(&p.rx, b2), 1);
+        assert_eq!(p.stats.rx.drops_of(DropReason::WrongDirection), 1);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn rx_frame_too_big_for_the_buffer_is_dropped_and_the_buffer_reused() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let (head, buf) = p.rx.add_rx(256);
+        let ok = frame(12, 12 + 100, 2);
+        p.host.push(frame(12, 12 + 1000, 1));
+        p.host.push(ok.clone());
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.stats.rx.drops_of(DropReason::Oversize), 1);
+        assert_eq!(p.rx.all_used(), vec![(u32::from(head), 112)]);
+        assert_eq!(p.rx.read(buf + 12, 100), ok[12..]);
+    }
+
+    #[test]
+    fn rx_host_errors_are_counted_and_buffers_kept() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        let (head, _) = p.rx.add_rx(1536);
+        // A frame shorter than the header, then a failing recv.
+        p.host.push(vec![0; 5]);
+        p.run(true);
+        assert_eq!(p.stats.rx.drops_of(DropReason::HostError), 1);
+        p.host.state().recv_error = Some(io::ErrorKind::ConnectionReset);
+        p.host.push(frame(12, 100, 1));
+        p.run(true);
+        assert_eq!(p.stats.rx.drops_of(DropReason::HostError), 2);
+        assert_eq!(p.host.pending(), 1);
+        assert_eq!(p.rx.used_idx(), 0);
+        // Interrupted is retried at once.
+        p.host.state().recv_error = Some(io::ErrorKind::Interrupted);
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.all_used(), vec![(u32::from(head), 100)]);
+        assert_eq!(p.stats.rx.drops_of(DropReason::HostError), 2);
+    }
+
+    #[test]
+    fn rx_event_idx_suppresses_interrupts_until_used_event() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.vrings[RX].set_queue_event_idx(true);
+        let call = install_call(&p.vrings[RX]);
+        p.rx.set_used_event(2);
+        for _ in 0..4 {
+            p.rx.add_rx(1536);
+        }
+        for i in 0..2 {
+            p.host.push(frame(12, 100, i));
+        }
+        p.run(true);
+        assert_eq!(p.rx.used_idx(), 2);
+        assert_eq!(interrupts(&call), 0);
+        p.host.push(frame(12, 100, 3));
+        p.run(true);
+        assert_eq!(p.rx.used_idx(), 3);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(p.stats.rx.notifications.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn rx_more_than_a_budget_waits_for_buffers_not_frames() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (256, 16), 1500, V1);
+        for _ in 0..256 {
+            p.rx.add_rx(128);
+        }
+        for i in 0..300 {
+            p.host.push(frame(12, 100, i as u8));
+        }
+        p.run(true);
+        assert_eq!(p.rx.used_idx(), 256);
+        assert_eq!(p.host.pending(), 44);
+        assert_eq!(p.stats.rx.total_drops(), 0);
+    }
+
+    #[test]
+    fn rx_memory_change_gives_held_buffers_back() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG | GSO);
+        for _ in 0..4 {
+            p.rx.add_rx(1536);
+        }
+        p.host.push(frame(12, 100, 1));
+        p.run(true);
+        assert_eq!(p.worker.rx_bufs.held(), 4);
+        // The frontend remaps the same guest memory: held pointers are stale.
+        mem.lock().unwrap().replace(gm.clone());
+        p.worker.set_features(V1 | MRG);
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.used_idx(), 1);
+        assert_eq!(p.rx.used(0).1, 100);
+    }
+
+    #[test]
+    fn reset_forgets_the_session() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG | GSO);
+        p.rx.add_rx(1536);
+        p.host.push(frame(12, 100, 1));
+        p.run(true);
+        assert_eq!(p.worker.rx_bufs.held(), 1);
+        p.worker.reset();
+        assert_eq!(p.worker.rx_bufs.held(), 0);
+        assert_eq!(p.worker.hdr_len, 10);
+        assert!(!p.worker.mergeable);
+        // stop() without vrings is harmless.
+        p.worker.stop(RX);
+        // Handling without the two vrings of a pair does nothing.
+        p.worker.set_memory(mem.clone());
+        p.worker.handle(true, &p.vrings[..1]);
+        assert_eq!(p.host.pending(), 1);
+    }
+
+    #[test]
+    fn features_set_header_length_and_frame_limits() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 9000, 0);
+        assert_eq!((p.worker.hdr_len, p.worker.mergeable), (10, false));
+        assert_eq!(p.worker.max_frame, 9000 + 18);
+        p.worker.set_features(V1 | MRG | GSO);
+        assert_eq!((p.worker.hdr_len, p.worker.mergeable), (12, true));
+        assert_eq!(p.worker.max_frame, MAX_GSO_FRAME);
+        // Segmentation offloads without checksum offload do not count.
+        p.worker.set_features(V1 | bit(VIRTIO_NET_F_GUEST_TSO4));
+        assert_eq!(p.worker.max_frame, 9018);
+        let _ = &mut p;
+    }
+
+    #[test]
+    fn busy_poll_picks_up_host_frames_without_an_event() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.worker.busy_poll = Duration::from_millis(300);
+        p.rx.add_rx(1536);
+        p.rx.add_rx(1536);
+        p.run(true);
+        // The host queue is drained; a frame arriving during the busy-poll window is received
+        // although no host event comes.
+        let host = p.host.clone();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            host.push(frame(12, 100, 1));
+        });
+        let start = Instant::now();
+        p.run(false);
+        pusher.join().unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.rx.used_idx(), 1);
+        // The first wake-up found nothing; the second found the frame.
+        assert_eq!(p.stats.idle_wakeups.load(Relaxed), 1);
+        assert_eq!(p.stats.busy_wakeups.load(Relaxed), 1);
     }
 }
