@@ -213,6 +213,11 @@ impl Session {
                             "too many memory regions",
                         ));
                     }
+                    tracing::info!(
+                        gpa = format!("{:#x}", key[0]),
+                        size = key[1],
+                        "guest memory region added"
+                    );
                     self.regions.push((key, 1));
                 }
                 (false, Some(i)) if self.regions[i].1 > 1 => {
@@ -220,6 +225,10 @@ impl Session {
                     return Ok((Vec::new(), ack(&msg)));
                 }
                 (false, Some(i)) => {
+                    tracing::info!(
+                        gpa = format!("{:#x}", key[0]),
+                        "guest memory region removed"
+                    );
                     self.regions.swap_remove(i);
                 }
                 // Removing an unknown region: let the handler refuse it.
