@@ -124,10 +124,16 @@ impl RxBuffers {
             }
         }
         let ready = if mergeable {
-            // When the guest gave every buffer it has, waiting cannot help: use what is held.
+            // When the guest gave every buffer it can, waiting cannot help: use what is held.
+            // The descriptor table is the limit: another chain as long as the longest held one
+            // would not fit (iovecs are at least one per descriptor, so this errs early).
+            let table_full = || {
+                let longest = self.chains.iter().map(|c| c.iov_count).max().unwrap_or(0);
+                self.iov.len() + longest > usize::from(queue.size())
+            };
             self.capacity >= need
                 || (blocked && !self.chains.is_empty())
-                || (!self.chains.is_empty() && self.chains.len() >= usize::from(queue.size()))
+                || (!self.chains.is_empty() && table_full())
         } else {
             !self.chains.is_empty()
         };

@@ -863,6 +863,23 @@ mod tests {
     }
 
     #[test]
+    fn rx_mrg_rxbuf_uses_a_full_table_of_multi_descriptor_chains() {
+        let (gm, mem) = guest_memory();
+        // Two-descriptor chains: a 16-entry table holds only 8 of them, far less than a GSO
+        // frame, yet that is all the guest can post, so the device must use them.
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG | GSO);
+        for _ in 0..8 {
+            let a = p.rx.alloc(1536);
+            let b = p.rx.alloc(1536);
+            p.rx.add_chain(&[(a, 1536, WRITE), (b, 1536, WRITE)]);
+        }
+        p.host.push(frame(12, 12 + 5000, 7));
+        p.run(true);
+        assert_eq!(p.rx.used_idx(), 2);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 1);
+    }
+
+    #[test]
     fn rx_mrg_rxbuf_without_gso_needs_one_mtu_frame_of_buffers() {
         let (gm, mem) = guest_memory();
         let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG);
