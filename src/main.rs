@@ -69,10 +69,23 @@ fn main() -> ExitCode {
     match run(&args, ports) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vhost-pump: {e:#}");
+            eprintln!("vhost-pump: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes the messages already quote.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<()> {

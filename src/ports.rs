@@ -76,28 +76,9 @@ impl RunningPort {
     /// starts serving in a thread of its own.
     pub fn start(spec: PortSpec) -> Result<Self, PortError> {
         spec.validate()?;
-        let queues = usize::from(spec.queues);
-        let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
-            HostSpec::Tap(name) => {
-                let tap = TapPort::open(name, queues, spec.mtu)?;
-                let mtu = tap.mtu();
-                (Arc::new(tap), mtu)
-            }
-            HostSpec::AfPacket(ifname) => {
-                let p = AfPacketPort::open(ifname, queues, spec.mtu)?;
-                let mtu = p.mtu();
-                (Arc::new(p), mtu)
-            }
-        };
-        let config = NetConfig {
-            mac: spec.mac(),
-            mtu,
-            queue_pairs: queues,
-            max_queue_size: spec.queue_size,
-        };
-        let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
-        let backend = Arc::new(NetBackend::new(config, port, busy)?);
-        let ctl = Arc::new(ServeControl::default());
+        // The socket first: a second daemon started by mistake on a live socket must fail
+        // before it touches the host port (attaching to a running daemon's tap would reset
+        // the offloads and MTU the first one's guest relies on).
         let listener = if spec.client {
             None
         } else {
@@ -108,6 +89,17 @@ impl RunningPort {
             }
             Some(l)
         };
+        let built = Self::build_device(&spec);
+        let backend = match built {
+            Ok(b) => b,
+            Err(e) => {
+                if listener.is_some() {
+                    let _ = std::fs::remove_file(&spec.socket);
+                }
+                return Err(e);
+            }
+        };
+        let ctl = Arc::new(ServeControl::default());
         let listener_fd = listener.as_ref().map(|l| l.as_raw_fd());
         let (b, c, socket, name) = (
             backend.clone(),
@@ -136,8 +128,8 @@ impl RunningPort {
             socket = %spec.socket.display(),
             mode = if spec.client { "client" } else { "server" },
             mac = %spec.mac(),
-            queues,
-            mtu,
+            queues = spec.queues,
+            mtu = backend.config().mtu,
             "port ready"
         );
         Ok(RunningPort {
@@ -147,6 +139,30 @@ impl RunningPort {
             listener_fd,
             thread: Some(thread),
         })
+    }
+
+    fn build_device(spec: &PortSpec) -> Result<Arc<NetBackend>, PortError> {
+        let queues = usize::from(spec.queues);
+        let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
+            HostSpec::Tap(name) => {
+                let tap = TapPort::open(name, queues, spec.mtu)?;
+                let mtu = tap.mtu();
+                (Arc::new(tap), mtu)
+            }
+            HostSpec::AfPacket(ifname) => {
+                let p = AfPacketPort::open(ifname, queues, spec.mtu)?;
+                let mtu = p.mtu();
+                (Arc::new(p), mtu)
+            }
+        };
+        let config = NetConfig {
+            mac: spec.mac(),
+            mtu,
+            queue_pairs: queues,
+            max_queue_size: spec.queue_size,
+        };
+        let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
+        Ok(Arc::new(NetBackend::new(config, port, busy)?))
     }
 
     /// The port's specification.
