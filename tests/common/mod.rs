@@ -2,4 +2,3 @@
 
 pub mod guest;
 pub mod netns;
-pub mod vhost_driver;
