@@ -4,6 +4,7 @@
 
 pub mod af_packet;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod metrics;

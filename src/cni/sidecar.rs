@@ -1,0 +1,550 @@
+//! The vhost-pump sidecar of an attachment: found, launched detached from the plugin under a
+//! small supervisor (this same binary, `vhost-pump-cni supervise SPEC`), waited for, and stopped.
+//!
+//! The supervisor runs in its own session with its output in the attachment's log. It starts
+//! vhost-pump, applies the socket's owner and mode once the socket exists (server mode), then
+//! writes vhost-pump's pid file: the pid file appearing is the plugin's signal that the daemon
+//! is up. If vhost-pump dies during its first start, the supervisor exits with an error (ADD
+//! reports it with the log's tail); later deaths are logged and the daemon is restarted with
+//! backoff, so the socket comes back after a crash. vhost-pump gets SIGTERM if the supervisor
+//! dies. Pids are only signalled after checking their command line, so a recycled pid is never
+//! hit.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{SocketPerms, VhostUserMode};
+use super::error::{code, CniError};
+use super::ipam::is_executable;
+use super::state::{write_atomic, AttachmentPaths};
+
+/// File name of the daemon.
+pub const DAEMON_NAME: &str = "vhost-pump";
+/// First argument that turns the plugin binary into a supervisor.
+pub const SUPERVISE_ARG: &str = "supervise";
+/// A daemon that lives this long in client mode has started.
+const CLIENT_STARTUP: Duration = Duration::from_millis(700);
+/// Server mode: how long the daemon has to create its socket before the supervisor gives up
+/// on the first start.
+const SERVER_STARTUP: Duration = Duration::from_secs(30);
+/// The log is cut when it grows past this (checked at each restart).
+const LOG_LIMIT: u64 = 8 << 20;
+
+/// What the supervisor runs, written by the plugin next to the state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// vhost-pump binary.
+    pub daemon: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its pid file.
+    pub pid_file: PathBuf,
+    /// The socket.
+    pub socket: PathBuf,
+    /// Server or client.
+    pub mode: VhostUserMode,
+    /// Owner and mode applied to the socket in server mode.
+    pub perms: SocketPerms,
+}
+
+/// Sidecar failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// No vhost-pump binary.
+    #[error("{0}")]
+    NotFound(String),
+    /// The supervisor could not be started.
+    #[error("cannot start the sidecar supervisor {exe}: {source}")]
+    Spawn {
+        /// The binary.
+        exe: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// vhost-pump exited during its first start.
+    #[error("vhost-pump exited during startup ({status}); log {log_path}:\n{log}")]
+    Exited {
+        /// The supervisor's exit status.
+        status: ExitStatus,
+        /// Log path.
+        log_path: PathBuf,
+        /// Last lines of the log.
+        log: String,
+    },
+    /// It did not get ready in time.
+    #[error("vhost-pump did not {what} within {timeout:?}; log {log_path}:\n{log}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The bound.
+        timeout: Duration,
+        /// Log path.
+        log_path: PathBuf,
+        /// Last lines of the log.
+        log: String,
+    },
+    /// A file could not be written or changed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<SidecarError> for CniError {
+    fn from(e: SidecarError) -> CniError {
+        CniError::new(code::SIDECAR, e.to_string())
+    }
+}
+
+/// Finds vhost-pump: `explicit` (the `vhostPumpPath` key), else next to this binary, else in
+/// `CNI_PATH`, else in `PATH`.
+pub fn find_daemon(explicit: Option<&Path>, cni_path: &[PathBuf]) -> Result<PathBuf, SidecarError> {
+    if let Some(p) = explicit {
+        return if is_executable(p) {
+            Ok(p.to_path_buf())
+        } else {
+            Err(SidecarError::NotFound(format!(
+                "vhostPumpPath {} is not an executable file",
+                p.display()
+            )))
+        };
+    }
+    let next_to_us = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    next_to_us
+        .into_iter()
+        .chain(cni_path.iter().cloned())
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join(DAEMON_NAME))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            SidecarError::NotFound(format!(
+                "{DAEMON_NAME} binary not found next to the plugin, in CNI_PATH or in PATH; \
+                 install it there or set vhostPumpPath"
+            ))
+        })
+}
+
+/// Starts the supervisor for `spec` (detached: own session, stdio on the log). Returns it as
+/// our child so the caller can see it exit while waiting.
+pub fn launch(spec: &SidecarSpec, paths: &AttachmentPaths) -> Result<Child, SidecarError> {
+    let io_err = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SidecarError::Io { what, path, source }
+    };
+    let data = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    write_atomic(&paths.sidecar_spec, &data, 0o600)
+        .map_err(io_err("cannot write", &paths.sidecar_spec))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&paths.log)
+        .map_err(io_err("cannot open", &paths.log))?;
+    let log2 = log.try_clone().map_err(io_err("cannot open", &paths.log))?;
+    let exe = std::env::current_exe().map_err(|source| SidecarError::Spawn {
+        exe: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg(SUPERVISE_ARG)
+        .arg(&paths.sidecar_spec)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CNI_") {
+            cmd.env_remove(k);
+        }
+    }
+    // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|source| SidecarError::Spawn { exe, source })?;
+    write_atomic(
+        &paths.supervisor_pid,
+        format!("{}\n", child.id()).as_bytes(),
+        0o644,
+    )
+    .map_err(io_err("cannot write", &paths.supervisor_pid))?;
+    Ok(child)
+}
+
+/// Waits until the daemon is up (its pid file exists and, in server mode, the socket accepts a
+/// connection), the supervisor exits (startup failed), or `timeout` passes.
+pub fn wait_ready(
+    supervisor: &mut Child,
+    spec: &SidecarSpec,
+    paths: &AttachmentPaths,
+    timeout: Duration,
+) -> Result<(), SidecarError> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = supervisor.try_wait() {
+            return Err(SidecarError::Exited {
+                status,
+                log_path: paths.log.clone(),
+                log: log_tail(&paths.log, 15),
+            });
+        }
+        if paths.pid.exists() {
+            match spec.mode {
+                VhostUserMode::Client => return Ok(()),
+                VhostUserMode::Server => {
+                    if UnixStream::connect(&spec.socket).is_ok() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(SidecarError::Timeout {
+                what: match spec.mode {
+                    VhostUserMode::Server => "accept connections on its socket",
+                    VhostUserMode::Client => "start",
+                },
+                timeout,
+                log_path: paths.log.clone(),
+                log: log_tail(&paths.log, 15),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Liveness of an attachment's processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    /// Supervisor pid, if running.
+    pub supervisor: Option<u32>,
+    /// vhost-pump pid, if running.
+    pub daemon: Option<u32>,
+}
+
+/// Which of the attachment's processes run.
+pub fn liveness(paths: &AttachmentPaths) -> Liveness {
+    let (sup, daemon) = needles(paths);
+    Liveness {
+        supervisor: verified_pid(&paths.supervisor_pid, &sup),
+        daemon: verified_pid(&paths.pid, &daemon),
+    }
+}
+
+/// What the command lines of the supervisor and of vhost-pump contain: the supervisor's spec
+/// file, and `--socket PATH` (a VMM's command line may name the socket too, never so).
+fn needles(paths: &AttachmentPaths) -> (String, String) {
+    (
+        format!("{SUPERVISE_ARG} {}", paths.sidecar_spec.display()),
+        format!("--socket {}", paths.socket.display()),
+    )
+}
+
+/// Stops the supervisor (which stops vhost-pump) and, if it is still there, vhost-pump.
+/// Best effort; a process already gone is fine.
+pub fn stop(paths: &AttachmentPaths, own_child: Option<&mut Child>) {
+    // Without a pid file (a crash right after the start), look the processes up by the paths
+    // their command lines carry, which are unique to this attachment.
+    let (sup_needle, daemon_needle) = needles(paths);
+    let sup =
+        verified_pid(&paths.supervisor_pid, &sup_needle).or_else(|| pid_by_cmdline(&sup_needle));
+    let daemon =
+        verified_pid(&paths.pid, &daemon_needle).or_else(|| pid_by_cmdline(&daemon_needle));
+    if let Some(pid) = sup {
+        terminate(pid, Duration::from_secs(3));
+    }
+    if let Some(child) = own_child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if let Some(pid) = daemon {
+        if alive(pid) {
+            terminate(pid, Duration::from_secs(2));
+        }
+    }
+    let _ = fs::remove_file(&paths.supervisor_pid);
+    let _ = fs::remove_file(&paths.pid);
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+fn terminate(pid: u32, grace: Duration) {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a verified pid; no memory is passed.
+    unsafe { libc::kill(p, libc::SIGTERM) };
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if alive(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+        let t = Instant::now();
+        while alive(pid) && t.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// True if `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether the command line of `pid` contains `needle` (arguments joined by spaces).
+fn cmdline_has(pid: u32, needle: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        String::from_utf8_lossy(&c)
+            .replace('\0', " ")
+            .contains(needle)
+    })
+}
+
+/// The pid in `pid_file` if that process runs and its command line contains `needle`.
+fn verified_pid(pid_file: &Path, needle: &str) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    (alive(pid) && cmdline_has(pid, needle)).then_some(pid)
+}
+
+/// A running process (not us) whose command line contains `needle`.
+fn pid_by_cmdline(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| *pid != me && alive(*pid) && cmdline_has(*pid, needle))
+}
+
+/// Applies owner, group and mode to `path`.
+pub fn apply_perms(path: &Path, perms: &SocketPerms, mode: u32) -> io::Result<()> {
+    if perms.uid.is_some() || perms.gid.is_some() {
+        std::os::unix::fs::chown(path, perms.uid, perms.gid)?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// The mode of the socket directory in client mode: the socket mode plus search (and, so the
+/// VMM can create its socket, write) rights for whoever may use the socket.
+pub fn client_dir_mode(socket_mode: u32) -> u32 {
+    let mut m = 0o700;
+    if socket_mode & 0o060 != 0 {
+        m |= 0o070;
+    }
+    if socket_mode & 0o006 != 0 {
+        m |= 0o007;
+    }
+    m
+}
+
+/// The last `n` lines of `path`.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).into_owned();
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn say(msg: impl std::fmt::Display) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    eprintln!("[{t}] vhost-pump-cni supervisor: {msg}");
+}
+
+/// The supervisor's main loop; returns the process exit code.
+pub fn supervise(spec_path: &Path) -> i32 {
+    let spec: SidecarSpec = match fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            say(format_args!("cannot read {}: {e}", spec_path.display()));
+            return 1;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
+            say(format_args!("cannot install signal handler: {e}"));
+            return 1;
+        }
+    }
+    let mut first = true;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        cut_log();
+        let started = Instant::now();
+        let mut cmd = Command::new(&spec.daemon);
+        // Plain log lines in the log file.
+        cmd.args(&spec.args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no parent memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                say(format_args!("cannot start {}: {e}", spec.daemon.display()));
+                if first {
+                    return 1;
+                }
+                sleep_unless(&stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        say(format_args!(
+            "started {} (pid {})",
+            spec.daemon.display(),
+            child.id()
+        ));
+        let mut up = false;
+        let status = loop {
+            if stop.load(Ordering::Relaxed) {
+                say("stopping");
+                terminate(child.id(), Duration::from_secs(3));
+                let _ = child.wait();
+                let _ = fs::remove_file(&spec.pid_file);
+                return 0;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if !up {
+                up = match spec.mode {
+                    VhostUserMode::Server => spec.socket.exists(),
+                    VhostUserMode::Client => started.elapsed() >= CLIENT_STARTUP,
+                };
+                if up {
+                    if spec.mode == VhostUserMode::Server {
+                        if let Err(e) = apply_perms(&spec.socket, &spec.perms, spec.perms.mode) {
+                            say(format_args!(
+                                "cannot set owner/mode of {}: {e}",
+                                spec.socket.display()
+                            ));
+                        }
+                    }
+                    let pid = format!("{}\n", child.id());
+                    if let Err(e) = write_atomic(&spec.pid_file, pid.as_bytes(), 0o644) {
+                        say(format_args!(
+                            "cannot write {}: {e}",
+                            spec.pid_file.display()
+                        ));
+                    }
+                } else if first && started.elapsed() > SERVER_STARTUP {
+                    say("vhost-pump never created its socket; giving up");
+                    terminate(child.id(), Duration::from_secs(3));
+                    let _ = child.wait();
+                    return 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = fs::remove_file(&spec.pid_file);
+        say(format_args!("vhost-pump exited: {status}"));
+        if first && !up {
+            return 1;
+        }
+        first = false;
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        say(format_args!("restarting in {backoff:?}"));
+        if sleep_unless(&stop, backoff) {
+            return 0;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Sleeps `d` unless `stop` is raised; true if it was.
+fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < d {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.load(Ordering::Relaxed)
+}
+
+/// Empties our stderr (the attachment log, opened for appending) once it is too large.
+fn cut_log() {
+    let Ok(f) = fs::File::open("/proc/self/fd/2") else {
+        return;
+    };
+    if f.metadata()
+        .is_ok_and(|m| m.is_file() && m.len() > LOG_LIMIT)
+    {
+        if let Ok(w) = OpenOptions::new().write(true).open("/proc/self/fd/2") {
+            let _ = w.set_len(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_dir_modes() {
+        assert_eq!(client_dir_mode(0o600), 0o700);
+        assert_eq!(client_dir_mode(0o660), 0o770);
+        assert_eq!(client_dir_mode(0o666), 0o777);
+    }
+
+    #[test]
+    fn liveness_checks() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX - 1));
+    }
+}
