@@ -5,53 +5,13 @@
 
 mod common;
 
+use common::netns::{KillOnDrop as Proc, NamedNetns};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const NS: &str = "vp-multi";
-
-struct Netns;
-
-impl Netns {
-    fn create() -> Netns {
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS])
-            .stderr(Stdio::null())
-            .status();
-        assert!(Command::new("ip")
-            .args(["netns", "add", NS])
-            .status()
-            .unwrap()
-            .success());
-        let n = Netns;
-        n.cmd(&["ip", "link", "set", "lo", "up"]).status().unwrap();
-        n
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", NS]).args(argv);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
-    }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_for(path: &Path) {
     let t = Instant::now();
@@ -180,7 +140,7 @@ host = {{ kind = "af-packet", name = "nosuchif0" }}
     .unwrap();
     let control = dir.join("control.sock");
     let metrics = dir.join("metrics.sock");
-    let ns = Netns::create();
+    let ns = NamedNetns::create("vp-multi");
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
     let mut daemon = Proc(
         ns.cmd(&[

@@ -6,39 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::guest::{self, hmp, GuestOpts, QemuGuest};
+use common::netns::{KillOnDrop, NamedNetns};
 
-const NS: &str = "vp-memhp";
 const TAP: &str = "vpmem0";
 const HOST_IP: &str = "10.249.0.1";
-
-struct Cleanup(Child);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
-    }
-}
-
-fn ns(argv: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", NS]).args(argv);
-    c
-}
-
-fn ok(c: &mut Command) {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn hot_added_memory_reaches_the_backend() {
@@ -51,44 +25,27 @@ fn hot_added_memory_reaches_the_backend() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vu.sock");
     let log_path = dir.join("vhost-pump.log");
-    let _ = Command::new("ip")
-        .args(["netns", "del", NS])
-        .stderr(Stdio::null())
-        .status();
-    ok(Command::new("ip").args(["netns", "add", NS]));
-    ok(&mut ns(&["ip", "link", "set", "lo", "up"]));
-    ok(&mut ns(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]));
-    ok(&mut ns(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{HOST_IP}/24"),
-        "dev",
-        TAP,
-    ]));
+    let ns = NamedNetns::create("vp-memhp");
+    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+    ns.exec(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     let log = std::fs::File::create(&log_path).unwrap();
-    let daemon = ns(&[
-        env!("CARGO_BIN_EXE_vhost-pump"),
-        "--socket",
-        socket.to_str().unwrap(),
-    ])
-    .args(["--tap", TAP])
-    .stderr(log)
-    .spawn()
-    .unwrap();
-    let _cleanup = Cleanup(daemon);
+    let _daemon = KillOnDrop(
+        ns.cmd(&[
+            env!("CARGO_BIN_EXE_vhost-pump"),
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+        .args(["--tap", TAP])
+        .stderr(log)
+        .spawn()
+        .unwrap(),
+    );
     let t = Instant::now();
     while !socket.exists() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _iperf = Cleanup(
-        ns(&["iperf3", "-s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _iperf = ns.spawn_quiet(&["iperf3", "-s"]);
 
     let monitor = dir.join("monitor.sock");
     let mut opts = GuestOpts::vhost_user(&socket, 1);

@@ -8,70 +8,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::guest::{self, GuestOpts, NetKind, QemuGuest};
+use common::netns::{KillOnDrop as Proc, NamedNetns as Netns};
 
 const HOST_IP: &str = "10.252.0.1";
 const GUEST_CIDR: &str = "10.252.0.2/24";
 const TAP: &str = "vpe2e0";
-
-/// A named network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create(name: &str) -> Netns {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        run(&["ip", "netns", "add", name]);
-        let ns = Netns(name.into());
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-
-    fn exec(&self, argv: &[&str]) -> String {
-        let out = self.cmd(argv).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{argv:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(argv: &[&str]) {
-    let st = Command::new(argv[0])
-        .args(&argv[1..])
-        .status()
-        .expect("spawn");
-    assert!(st.success(), "{argv:?} failed");
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start_daemon(ns: &Netns, socket: &Path, log: &Path, extra: &[&str]) -> Proc {
     let _ = std::fs::remove_file(socket);
@@ -163,13 +108,7 @@ fn qemu_guest_over_tap_mode() {
     ns.exec(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     let daemon_args = ["--queues", "2", "--mtu", "9000", "--log-level", "info"];
     let mut daemon = start_daemon(&ns, &socket, &log, &daemon_args);
-    let _iperf = Proc(
-        ns.cmd(&["iperf3", "-s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 server"),
-    );
+    let _iperf = ns.spawn_quiet(&["iperf3", "-s"]);
 
     let mut opts = GuestOpts::vhost_user(&socket, 2);
     opts.net = NetKind::VhostUser {
@@ -370,13 +309,7 @@ fn tcp_survives_backend_restarts() {
     let ns = Netns::create("vp-restart");
     ns.exec(&["ip", "tuntap", "add", "dev", RTAP, "mode", "tap"]);
     ns.exec(&["ip", "addr", "add", &format!("{RHOST}/24"), "dev", RTAP]);
-    let _iperf = Proc(
-        ns.cmd(&["iperf3", "-s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 server"),
-    );
+    let _iperf = ns.spawn_quiet(&["iperf3", "-s"]);
     let start = |ns: &Netns| {
         let _ = std::fs::remove_file(&socket);
         let p = spawn_daemon(ns, &socket, &log, RTAP, &["--log-level", "info"]);

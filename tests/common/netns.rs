@@ -668,3 +668,74 @@ pub fn udp_frame(
     }
     f
 }
+
+/// A named network namespace (`ip netns add`), deleted on drop. Unlike [`in_new_netns`], any
+/// number of processes can be started in it with [`NamedNetns::cmd`], from any thread.
+pub struct NamedNetns(String);
+
+impl NamedNetns {
+    /// Creates `name` (replacing a leftover of an interrupted run) with `lo` up.
+    pub fn create(name: &str) -> NamedNetns {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", name]);
+        let ns = NamedNetns(name.into());
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs `argv` inside the namespace.
+    pub fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(argv);
+        c
+    }
+
+    /// Runs `argv` inside the namespace, panicking with its stderr on failure; returns stdout.
+    pub fn exec(&self, argv: &[&str]) -> String {
+        let out = self.cmd(argv).output().expect("spawn");
+        assert!(
+            out.status.success(),
+            "{argv:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `argv` inside the namespace, killed when the returned value drops.
+    pub fn spawn_quiet(&self, argv: &[&str]) -> KillOnDrop {
+        KillOnDrop(
+            self.cmd(argv)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{argv:?}: {e}")),
+        )
+    }
+
+    /// A counter of an interface in the namespace (`/sys/class/net/IF/statistics/NAME`).
+    pub fn if_counter(&self, ifname: &str, name: &str) -> u64 {
+        self.exec(&["cat", &format!("/sys/class/net/{ifname}/statistics/{name}")])
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
