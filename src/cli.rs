@@ -100,7 +100,7 @@ pub struct PortArgs {
     pub client: bool,
 
     /// After work, keep polling this many microseconds before sleeping (0 = never poll).
-    #[arg(long, value_name = "N", default_value_t = 50,
+    #[arg(long, value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub busy_poll_us: u32,
 
@@ -221,7 +221,7 @@ mod tests {
         let a = spec(&["--socket", "/tmp/s", "--tap", "t0"]).unwrap();
         assert_eq!(
             (a.queues, a.queue_size, a.busy_poll_us, a.client),
-            (1, 1024, 50, false)
+            (1, 1024, 10, false)
         );
         let a = spec(&[
             "--socket",

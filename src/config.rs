@@ -58,7 +58,7 @@ fn default_queue_size() -> u16 {
     1024
 }
 fn default_busy_poll() -> u32 {
-    50
+    10
 }
 
 /// One vhost-user port.
@@ -268,7 +268,7 @@ mac = "02:00:00:00:00:01"
                 c.port[1].queue_size,
                 c.port[1].busy_poll_us
             ),
-            (1, 1024, 50)
+            (1, 1024, 10)
         );
         assert_eq!(c.port[1].mode().unwrap(), 0o660);
         assert_eq!(c.port[1].mac().to_string(), "02:00:00:00:00:01");

@@ -75,6 +75,7 @@ pub fn start(lab: &Lab, ns: &Netns, o: &DaemonOpts) -> Result<Proc, StartError> 
         argv.extend(["--mac".into(), mac.clone()]);
     }
     argv.extend(["--log-level".into(), "warn".into()]);
+    argv.extend(lab.opts.daemon_args.iter().cloned());
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let log = lab.log(&o.name);
     let mut p = Proc::spawn(&o.name, ns.cmd(&refs), &log).map_err(StartError::Other)?;

@@ -122,6 +122,10 @@ pub struct RunOpts {
     /// Do not run tests/setup/install-deps.sh (packages are known to be there).
     #[arg(long)]
     pub no_install: bool,
+    /// Extra flag for every vhost-pump daemon, e.g. `--daemon-arg=--busy-poll-us=0`
+    /// (repeatable): to compare a knob's setting, run twice into two directories.
+    #[arg(long = "daemon-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub daemon_args: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
