@@ -20,6 +20,7 @@ mod report;
 mod scen_guest;
 mod scen_idle;
 mod scen_scale;
+mod scen_soak;
 mod scen_vmless;
 mod sys;
 mod testpmd;
@@ -58,7 +59,7 @@ enum Cmd {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOpts {
     /// Scenario to run: vmless, guest-tcp, idle, scale (repeatable; default: all).
-    #[arg(long = "scenario", value_name = "NAME", value_parser = ["vmless", "guest-tcp", "idle", "scale"])]
+    #[arg(long = "scenario", value_name = "NAME", value_parser = ["vmless", "guest-tcp", "idle", "scale", "soak"])]
     pub scenarios: Vec<String>,
     /// Frame sizes in bytes including FCS, for vmless [default: 64,512,1518].
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
@@ -536,6 +537,7 @@ fn run(mut opts: RunOpts) -> Result<()> {
             "guest-tcp" => scen_guest::planned(&opts),
             "idle" => scen_idle::planned(&opts),
             "scale" => scen_scale::planned(&opts, machine.nproc),
+            "soak" => scen_soak::planned(),
             _ => 0,
         })
         .sum();
@@ -578,6 +580,7 @@ fn run(mut opts: RunOpts) -> Result<()> {
             "guest-tcp" => scen_guest::run(&mut lab),
             "idle" => scen_idle::run(&mut lab),
             "scale" => scen_scale::run(&mut lab),
+            "soak" => scen_soak::run(&mut lab),
             _ => Ok(()),
         };
         if let Err(e) = res {

@@ -302,6 +302,52 @@ pub fn markdown(recs: &[Record]) -> String {
             rows,
         );
     }
+    let soak: Vec<&Record> = recs.iter().filter(|r| r.scenario == "soak").collect();
+    if !soak.is_empty() {
+        let _ = writeln!(
+            o,
+            "## soak: 8 ports in one process, mixed-size host → guest traffic\n\nframes into \
+             the daemon (tap TX) = received + daemon drops + frontend missed; tap drops are \
+             frames the taps' queues dropped before the daemon; RSS sampled every minute.\n"
+        );
+        let rows = soak
+            .iter()
+            .map(|r| {
+                vec![
+                    fmt_num(r.duration_s),
+                    cell(r, "sent"),
+                    cell(r, "tap_tx_packets"),
+                    cell(r, "received"),
+                    cell(r, "daemon_drops"),
+                    cell(r, "tap_drops"),
+                    cell(r, "frontend_missed"),
+                    cell(r, "unaccounted"),
+                    cell(r, "rss_first_kib"),
+                    cell(r, "rss_last_kib"),
+                    cell(r, "rss_max_kib"),
+                    status_cell(r),
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "seconds",
+                "generator sent",
+                "tap TX (into the daemon)",
+                "received",
+                "daemon drops",
+                "tap drops",
+                "frontend missed",
+                "unaccounted",
+                "RSS KiB first",
+                "RSS KiB last",
+                "RSS KiB max",
+                "status",
+            ],
+            rows,
+        );
+    }
     let mem: Vec<&Record> = recs
         .iter()
         .filter(|r| r.scenario == "scale" && r.test == "memory")
