@@ -36,8 +36,8 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 const MAX_PENDING_ENABLES: usize = 64;
 /// Body of ADD/REM_MEM_REG: 8 bytes of padding, then guest address, size, user address, offset.
 const MEM_REG_BODY: usize = 40;
-/// Most distinct memory regions tracked (the library's own slot limit is lower).
-const MAX_REGIONS: usize = 512;
+/// Most distinct memory regions tracked: the slot count the library announces (GET_MAX_MEM_SLOTS).
+const MAX_REGIONS: usize = 509;
 
 /// One vhost-user message with the file descriptors that came with it.
 struct Message {
@@ -88,6 +88,15 @@ fn read_exact_fds(sock: &UnixStream, buf: &mut [u8], files: &mut Vec<File>) -> i
         for fd in fds.iter().take(nfds) {
             // SAFETY: recvmsg just gave us ownership of these descriptors.
             files.push(unsafe { File::from_raw_fd(*fd) });
+        }
+        // Every recvmsg can bring new descriptors: without a bound per message, a frontend
+        // sending its body a byte at a time could pin the whole process's fd table (every
+        // port's) for as long as it keeps the message unfinished.
+        if files.len() > MAX_ATTACHED_FD_ENTRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {MAX_ATTACHED_FD_ENTRIES} file descriptors with one message"),
+            ));
         }
         if n == 0 {
             if got == 0 {
@@ -161,6 +170,47 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Refuses memory regions that would map past the end of their file. The library maps them
+/// without looking (mmap allows it), and the first access to such a page raises SIGBUS: with
+/// the sandbox's seccomp filter the signal handler cannot reset itself and the thread faults
+/// forever at 100% CPU, and without it the whole process dies with every port. Only regular
+/// files (memfd, tmpfs, hugetlbfs) have a size to check; other fds go to the library as they are.
+/// A frontend that shrinks the file after this check can still cause the fault.
+fn check_regions_within_files(msg: &Message) -> io::Result<()> {
+    // SET_MEM_TABLE: num_regions, padding, then (guest address, size, user address, offset)
+    // per region; ADD_MEM_REG: padding, then one region.
+    let (first, count) = if msg.request() == FrontendReq::SET_MEM_TABLE as u32 {
+        if msg.body.len() < 8 {
+            return Ok(());
+        }
+        let n = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+        (8, (n as usize).min((msg.body.len() - 8) / 32))
+    } else if msg.body.len() == MEM_REG_BODY {
+        (8, 1)
+    } else {
+        return Ok(());
+    };
+    for (i, file) in msg.files.iter().enumerate().take(count) {
+        let at = first + 32 * i;
+        let (size, offset) = (u64_at(&msg.body, at + 8), u64_at(&msg.body, at + 24));
+        let md = file.metadata()?;
+        if !md.file_type().is_file() {
+            continue;
+        }
+        if offset.checked_add(size).is_none_or(|end| end > md.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "memory region {i} (offset {offset:#x}, size {size:#x}) extends past the end \
+                     of its file ({:#x} bytes)",
+                    md.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn ack(msg: &Message) -> Option<Message> {
     (msg.flags() & FLAG_NEED_REPLY != 0)
         .then(|| Message::new(msg.request(), FLAG_VERSION_1 | FLAG_REPLY, vec![0; 8]))
@@ -193,7 +243,22 @@ impl Session {
             });
             return Ok((Vec::new(), reply));
         }
+        if req == FrontendReq::SET_VRING_NUM as u32 && msg.body.len() == 8 {
+            // Split rings only (no VIRTIO_F_RING_PACKED): the size must be a power of two. The
+            // library's queue would silently keep its previous size, so device and driver would
+            // disagree about where the rings end.
+            let num = u32::from_le_bytes([msg.body[4], msg.body[5], msg.body[6], msg.body[7]]);
+            if !num.is_power_of_two() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("SET_VRING_NUM {num} is not a power of two"),
+                ));
+            }
+        }
         let is_add = req == FrontendReq::ADD_MEM_REG as u32;
+        if req == FrontendReq::SET_MEM_TABLE as u32 || is_add {
+            check_regions_within_files(&msg)?;
+        }
         if (is_add || req == FrontendReq::REM_MEM_REG as u32) && msg.body.len() == MEM_REG_BODY {
             let key = [
                 u64_at(&msg.body, 8),
@@ -400,6 +465,92 @@ mod tests {
             s.on_frontend(enable(i, 1, FLAG_VERSION_1)).unwrap();
         }
         assert!(s.on_frontend(enable(9999, 1, FLAG_VERSION_1)).is_err());
+    }
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn mem_table(regions: &[(u64, u64)], files: Vec<File>) -> Message {
+        let mut body = (regions.len() as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(&[0; 4]);
+        for (i, (size, offset)) in regions.iter().enumerate() {
+            for v in [0x10_0000 * i as u64, *size, 0x7f00_0000_0000, *offset] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let mut m = Message::new(FrontendReq::SET_MEM_TABLE as u32, FLAG_VERSION_1, body);
+        m.files = files;
+        m
+    }
+
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        let mut s = Session::default();
+        let ok = mem_table(
+            &[(0x1000, 0), (0x1000, 0x1000)],
+            vec![memfd(0x2000), memfd(0x2000)],
+        );
+        assert_eq!(s.on_frontend(ok).unwrap().0.len(), 1);
+        for (size, offset) in [(0x1000, 0x1000_0000), (0x2000, 0x1000), (0x1000, u64::MAX)] {
+            let bad = mem_table(
+                &[(0x1000, 0), (size, offset)],
+                vec![memfd(0x2000), memfd(0x2000)],
+            );
+            assert!(
+                s.on_frontend(bad).is_err(),
+                "size {size:#x} offset {offset:#x}"
+            );
+        }
+        // ADD_MEM_REG too.
+        let mut add = mem_reg(FrontendReq::ADD_MEM_REG, 0, FLAG_VERSION_1);
+        add.files = vec![memfd(0x800)];
+        assert!(s.on_frontend(add).is_err());
+        let mut add = mem_reg(FrontendReq::ADD_MEM_REG, 0, FLAG_VERSION_1);
+        add.files = vec![memfd(0x1000)];
+        assert_eq!(s.on_frontend(add).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn vring_sizes_must_be_powers_of_two() {
+        let mut s = Session::default();
+        let num = |n: u32| {
+            let mut body = 1u32.to_le_bytes().to_vec();
+            body.extend_from_slice(&n.to_le_bytes());
+            Message::new(FrontendReq::SET_VRING_NUM as u32, FLAG_VERSION_1, body)
+        };
+        for bad in [0, 3, 100, 65535] {
+            assert!(s.on_frontend(num(bad)).is_err(), "{bad}");
+        }
+        // Range checks against the device's maximum stay with the library.
+        for good in [1, 256, 32768, 65536] {
+            assert_eq!(s.on_frontend(num(good)).unwrap().0.len(), 1, "{good}");
+        }
+    }
+
+    #[test]
+    fn more_than_32_fds_with_one_message_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = memfd(16);
+        let fds = [f.as_raw_fd(); MAX_ATTACHED_FD_ENTRIES];
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+        a.send_with_fds(&[&hdr[..]], &fds).unwrap();
+        // One byte of body at a time, each with one more descriptor.
+        a.send_with_fds(&[&[0u8][..]], &fds[..1]).unwrap();
+        let err = read_message(&b).err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // Exactly 32 is fine.
+        let (a, b) = UnixStream::pair().unwrap();
+        a.send_with_fds(&[&hdr[..]], &fds[..16]).unwrap();
+        a.send_with_fds(&[&[0u8; 8][..]], &fds[..16]).unwrap();
+        assert_eq!(read_message(&b).unwrap().unwrap().files.len(), 32);
     }
 
     #[test]

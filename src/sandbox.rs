@@ -101,6 +101,9 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
         libc::SYS_tgkill,
         libc::SYS_rt_sigprocmask,
         libc::SYS_rt_sigreturn,
+        // std's SIGSEGV/SIGBUS handler restores the default action before re-raising; without
+        // it a fault (e.g. a frontend shrinking its memory file) would spin instead of ending.
+        libc::SYS_rt_sigaction,
         libc::SYS_sigaltstack,
         libc::SYS_exit,
         libc::SYS_exit_group,

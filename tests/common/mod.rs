@@ -2,3 +2,4 @@
 
 pub mod guest;
 pub mod netns;
+pub mod vhost_driver;

@@ -192,8 +192,13 @@ impl QueuePairWorker {
         let mut pass = Pass::default();
         let q: &mut Queue = state.get_queue_mut();
         let max_len = self.hdr_len + MAX_GSO_FRAME;
+        // Passes in a row that popped nothing although the ring said it had entries: a guest
+        // can make avail entries unreadable (ring in a memory hole) while `idx` moves on, and
+        // must not be able to keep this loop spinning.
+        let mut empty_passes = 0;
         'ring: loop {
             let _ = q.disable_notification(mem.as_ref());
+            let moved_before = pass.moved;
             while let Some(chain) = q.pop_descriptor_chain(mem.as_ref()) {
                 let head = chain.head_index();
                 self.tx_iov.clear();
@@ -233,7 +238,12 @@ impl QueuePairWorker {
                 }
             }
             match q.enable_notification(mem.as_ref()) {
-                Ok(true) if avail_idx_sane(q, mem) => continue,
+                Ok(true) if avail_idx_sane(q, mem) && empty_passes < 2 => {
+                    if pass.moved == moved_before {
+                        empty_passes += 1;
+                    }
+                    continue;
+                }
                 _ => break,
             }
         }
@@ -264,6 +274,7 @@ impl QueuePairWorker {
         let q: &mut Queue = state.get_queue_mut();
         let need = self.hdr_len + self.max_frame;
         let _ = q.disable_notification(mem.as_ref());
+        let mut starved_retries = 0;
         loop {
             if pass.moved >= BUDGET {
                 pass.more = true;
@@ -276,8 +287,11 @@ impl QueuePairWorker {
                 Slot::Ready(iov) => iov,
                 Slot::Starved => {
                     // Ask the guest for a kick when it posts buffers; re-check for a race.
+                    // Bounded retries: see `empty_passes` in process_tx. Notifications stay
+                    // enabled when we give up, so the guest's next buffer wakes us.
                     match q.enable_notification(mem.as_ref()) {
-                        Ok(true) if avail_idx_sane(q, mem) => {
+                        Ok(true) if avail_idx_sane(q, mem) && starved_retries < 2 => {
+                            starved_retries += 1;
                             let _ = q.disable_notification(mem.as_ref());
                             continue;
                         }
@@ -293,6 +307,7 @@ impl QueuePairWorker {
                     self.rx_bufs.complete(q, mem, len, hdr_has_num_buffers);
                     self.stats.rx.frame(len - self.hdr_len);
                     pass.moved += 1;
+                    starved_retries = 0;
                 }
                 Ok(_) => {
                     self.stats.rx.drop(DropReason::HostError);
