@@ -14,3 +14,5 @@ export CI="${CI:-true}"   # the suite fails, rather than skips, what it cannot r
 cargo fmt --all -- --check
 cargo clippy --workspace --release --all-targets -- -D warnings
 cargo test --workspace --release "$@"
+# Fuzz the descriptor-chain data path and the vhost-user relay for a bounded time (ASan).
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" ./tests/setup/fuzz.sh
