@@ -76,9 +76,14 @@ impl RunningPort {
     /// starts serving in a thread of its own.
     pub fn start(spec: PortSpec) -> Result<Self, PortError> {
         spec.validate()?;
-        // The socket first: a second daemon started by mistake on a live socket must fail
-        // before it touches the host port (attaching to a running daemon's tap would reset
-        // the offloads and MTU the first one's guest relies on).
+        // A busy socket is refused before the host port is touched: a second daemon started by
+        // mistake must not attach to a running daemon's tap (that would reset the offloads and
+        // MTU the first one's guest relies on). The socket itself is bound last, so that once
+        // it exists the port is ready to serve.
+        if !spec.client {
+            server::check_free(&spec.socket)?;
+        }
+        let backend = Self::build_device(&spec)?;
         let listener = if spec.client {
             None
         } else {
@@ -88,16 +93,6 @@ impl RunningPort {
                 return Err(e);
             }
             Some(l)
-        };
-        let built = Self::build_device(&spec);
-        let backend = match built {
-            Ok(b) => b,
-            Err(e) => {
-                if listener.is_some() {
-                    let _ = std::fs::remove_file(&spec.socket);
-                }
-                return Err(e);
-            }
         };
         let ctl = Arc::new(ServeControl::default());
         let listener_fd = listener.as_ref().map(|l| l.as_raw_fd());

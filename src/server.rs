@@ -40,6 +40,19 @@ pub enum ServerError {
     Session(String),
 }
 
+/// Fails when a live listener answers at `path` or a non-socket sits there; a stale socket or
+/// nothing at all is fine. Lets a daemon refuse a busy socket before it touches anything else.
+pub fn check_free(path: &Path) -> Result<(), ServerError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => Err(ServerError::Busy(path.to_path_buf())),
+            Err(_) => Ok(()),
+        },
+        Ok(_) => Err(ServerError::NotASocket(path.to_path_buf())),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Binds the server socket at `path`: creates parent directories, replaces a stale socket file,
 /// refuses a live one or a non-socket.
 pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {

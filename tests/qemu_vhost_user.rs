@@ -258,7 +258,7 @@ fn qemu_guest_client_mode() {
     let ping_ok = |vm: &mut QemuGuest, what: &str| {
         let out = vm
             .run(
-                &format!("for i in $(seq 1 30); do ping -c 1 -W 1 {CHOST} >/dev/null && echo PING-OK && break; done"),
+                &format!("for i in $(seq 1 60); do ping -c 1 -W 1 {CHOST} >/dev/null && echo PING-OK && break; done"),
                 Duration::from_secs(90),
             )
             .unwrap();

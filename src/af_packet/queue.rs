@@ -1,0 +1,476 @@
+//! One queue pair's endpoint: the socket's RX and TX rings, driven by the queue's worker
+//! thread. Only ring memory, `send`, `poll`, `epoll_wait`, `getsockopt` and `read` are used
+//! here: the worker runs sandboxed. Link changes come from the port's watcher.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_net_backend::HostQueue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::cursor::RxCursor;
+use super::frame::{
+    iov_len, prepare_rx, prepare_tx, IovReader, IovWriter, RxRefusal, VlanTag, VnetHdr, ETH_HLEN,
+    VLAN_HLEN, VNET_HDR_LEN,
+};
+use super::sys::{
+    status, Optional, PacketSocket, SetupError, TPACKET2_HDRLEN, TPACKET2_HDR_ALIGNED,
+    TX_DATA_OFFSET,
+};
+use super::{Link, Shared, RX_RING, TX_RING, TX_STALL};
+
+/// Epoll tokens of the queue's private set.
+const TOKEN_SOCKET: u64 = 0;
+const TOKEN_WAKE: u64 = 1;
+/// How far consumption may run ahead of an unfilled slot.
+const MAX_AHEAD: usize = RX_RING.frame_nr() / 2;
+/// How many slots past an empty one are checked for frames filled out of order (by other CPUs).
+const PEEK: usize = 8;
+/// How often the kernel's RX drop counter is read.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What became of one RX slot.
+enum Rx {
+    /// Delivered, this many bytes (header included).
+    Frame(usize),
+    /// Not for the guest (our own transmission on an old kernel); take the next one.
+    Skip,
+    /// Dropped; the caller counts it.
+    Drop,
+}
+
+/// One queue pair's AF_PACKET socket and rings.
+pub struct AfPacketQueue {
+    pair: usize,
+    shared: Arc<Shared>,
+    sock: PacketSocket,
+    /// Which RX slot comes next (tolerates slots filled out of order).
+    rx: RxCursor,
+    tx_head: usize,
+    /// The fd the worker watches: a private epoll set with the socket and the watcher's
+    /// doorbell, so the socket can be replaced under an unchanged fd.
+    ep: Epoll,
+    wake: EventFd,
+    /// A transmit timed out and nothing got through since: don't wait again.
+    tx_stalled: bool,
+    last_stats: Instant,
+}
+
+impl AfPacketQueue {
+    /// The endpoint of queue pair `pair` over `sock`.
+    pub fn new(pair: usize, shared: Arc<Shared>, sock: PacketSocket) -> Result<Self, SetupError> {
+        let setup = |what| move |source| SetupError { what, source };
+        let ep = Epoll::new().map_err(setup("epoll_create"))?;
+        let wake = shared.wakers[pair].try_clone().map_err(setup("dup"))?;
+        ep.ctl(
+            ControlOperation::Add,
+            sock.fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_SOCKET),
+        )
+        .map_err(setup("epoll_ctl"))?;
+        ep.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )
+        .map_err(setup("epoll_ctl"))?;
+        Ok(AfPacketQueue {
+            pair,
+            shared,
+            sock,
+            rx: RxCursor::new(RX_RING.frame_nr(), MAX_AHEAD, PEEK),
+            tx_head: 0,
+            ep,
+            wake,
+            tx_stalled: false,
+            last_stats: Instant::now(),
+        })
+    }
+
+    /// Which optional socket settings took effect.
+    pub fn optional(&self) -> Optional {
+        self.sock.optional()
+    }
+
+    // ---- receive ----
+
+    /// Copies RX slot `frame` (status `st`) into `iov`.
+    ///
+    /// # Safety
+    /// `frame` must be a slot of this socket's RX ring owned by user space (TP_STATUS_USER);
+    /// every iovec must be valid for writes for its length.
+    unsafe fn deliver(&mut self, frame: *mut u8, st: u32, iov: &[libc::iovec]) -> Rx {
+        let c = &self.shared.counters;
+        // SAFETY: the slot belongs to us until we hand it back; it starts with a tpacket2_hdr
+        // followed (at its aligned size) by a sockaddr_ll, both plain old data.
+        let (h, pkttype) = unsafe {
+            let h = std::ptr::read(frame.cast::<libc::tpacket2_hdr>());
+            let sll = std::ptr::read(frame.add(TPACKET2_HDR_ALIGNED).cast::<libc::sockaddr_ll>());
+            (h, sll.sll_pkttype)
+        };
+        if pkttype == libc::PACKET_OUTGOING {
+            return Rx::Skip;
+        }
+        let (mac, snap, len) = (
+            usize::from(h.tp_mac),
+            h.tp_snaplen as usize,
+            h.tp_len as usize,
+        );
+        if snap < len {
+            c.rx_truncated.fetch_add(1, Relaxed);
+            return Rx::Drop;
+        }
+        if mac < TPACKET2_HDRLEN + VNET_HDR_LEN
+            || mac + snap > RX_RING.frame_size
+            || snap < ETH_HLEN
+        {
+            c.rx_malformed.fetch_add(1, Relaxed);
+            return Rx::Drop;
+        }
+        // SAFETY: both ranges lie inside the slot (checked above), which we own.
+        let (mut vnet, data) = unsafe {
+            let raw = &*frame.add(mac - VNET_HDR_LEN).cast::<[u8; VNET_HDR_LEN]>();
+            (
+                VnetHdr::parse(raw),
+                std::slice::from_raw_parts_mut(frame.add(mac), snap),
+            )
+        };
+        let vlan = (st & libc::TP_STATUS_VLAN_VALID != 0).then_some(VlanTag {
+            tpid: if st & libc::TP_STATUS_VLAN_TPID_VALID != 0 && h.tp_vlan_tpid != 0 {
+                h.tp_vlan_tpid
+            } else {
+                0x8100
+            },
+            tci: h.tp_vlan_tci,
+        });
+        let offloads = self.shared.offloads();
+        let partial = vnet.flags & super::frame::F_NEEDS_CSUM != 0;
+        match prepare_rx(&mut vnet, data, offloads, vlan.is_some()) {
+            Ok(()) => {}
+            Err(RxRefusal::Gso) => {
+                c.rx_gso_refused.fetch_add(1, Relaxed);
+                return Rx::Drop;
+            }
+            Err(RxRefusal::CsumOffsets) => {
+                c.rx_malformed.fetch_add(1, Relaxed);
+                return Rx::Drop;
+            }
+        }
+        if partial && !offloads.csum {
+            c.rx_csum_completed.fetch_add(1, Relaxed);
+        }
+        let hdr_len = self.shared.hdr_len();
+        let total = hdr_len + snap + if vlan.is_some() { VLAN_HLEN } else { 0 };
+        if iov_len(iov) < total {
+            c.rx_too_big.fetch_add(1, Relaxed);
+            return Rx::Drop;
+        }
+        let mut hdr = [0u8; 16];
+        hdr[..VNET_HDR_LEN].copy_from_slice(&vnet.to_bytes());
+        let mut w = IovWriter::new(iov);
+        // SAFETY: the caller guarantees the iovecs are writable guest memory, which cannot
+        // overlap our ring or stack; their total length was checked above.
+        unsafe {
+            w.put(&hdr[..hdr_len.min(hdr.len())]);
+            match vlan {
+                Some(t) => {
+                    w.put(&data[..12]);
+                    w.put(&t.to_bytes());
+                    w.put(&data[12..]);
+                }
+                None => {
+                    w.put(data);
+                }
+            }
+        }
+        Rx::Frame(total)
+    }
+
+    // ---- transmit ----
+
+    /// True when TX slot `idx` may be filled (the kernel is done with it).
+    fn tx_free(&self, idx: usize) -> bool {
+        // SAFETY: `tx_frame` points at a slot of the live TX ring.
+        let st = unsafe { status(self.sock.tx_frame(idx)) }.load(Acquire);
+        st & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_SENDING) == 0
+    }
+
+    /// True when TX slot `idx` still waits for the kernel to take it.
+    fn tx_pending(&self, idx: usize) -> bool {
+        // SAFETY: as in `tx_free`.
+        let st = unsafe { status(self.sock.tx_frame(idx)) }.load(Acquire);
+        st & libc::TP_STATUS_SEND_REQUEST != 0
+    }
+
+    /// Takes back every slot the kernel has not started sending (the most recent ones, just
+    /// before `tx_head`), counting them as dropped, so the ring and the kernel's position agree
+    /// again. Only called between kicks, when the kernel does not look at pending slots.
+    fn drop_pending(&mut self) -> u64 {
+        let n = TX_RING.frame_nr();
+        let mut dropped = 0;
+        while dropped < n as u64 {
+            let prev = (self.tx_head + n - 1) % n;
+            if !self.tx_pending(prev) {
+                break;
+            }
+            // SAFETY: a slot of the live TX ring that the kernel does not own (not sending).
+            unsafe { status(self.sock.tx_frame(prev)) }.store(libc::TP_STATUS_AVAILABLE, Release);
+            self.tx_head = prev;
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Takes back the last written slot if the kernel refused its frame (marked it
+    /// `TP_STATUS_WRONG_FORMAT` and stopped there), so the next frame reuses it.
+    fn take_back_refused(&mut self) -> bool {
+        let n = TX_RING.frame_nr();
+        let prev = (self.tx_head + n - 1) % n;
+        // SAFETY: a slot of the live TX ring; the kernel stopped at it and does not own it.
+        let st = unsafe { status(self.sock.tx_frame(prev)) };
+        if st.load(Acquire) & libc::TP_STATUS_WRONG_FORMAT == 0 {
+            return false;
+        }
+        st.store(libc::TP_STATUS_AVAILABLE, Release);
+        self.tx_head = prev;
+        true
+    }
+
+    /// Kicks the kernel. The interface being down or gone ends the attempt (pending frames are
+    /// dropped and counted); a frame the kernel refused is taken back and reported as
+    /// `InvalidInput`; congestion is left to the caller's bounded wait.
+    fn kick(&mut self) -> io::Result<()> {
+        let Err(e) = self.sock.kick() else {
+            return Ok(());
+        };
+        if self.take_back_refused() {
+            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        }
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Ok(()),
+            Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV) => {
+                let n = self.drop_pending();
+                self.shared.counters.tx_link_down.fetch_add(n, Relaxed);
+                Err(e)
+            }
+            _ => {
+                self.drop_pending();
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits (bounded) until `done` holds, kicking the kernel and sleeping on POLLOUT.
+    fn wait_tx(&mut self, done: impl Fn(&Self) -> bool) -> io::Result<()> {
+        let deadline = Instant::now()
+            + if self.tx_stalled {
+                Duration::ZERO
+            } else {
+                TX_STALL
+            };
+        loop {
+            self.kick()?;
+            if done(self) {
+                self.tx_stalled = false;
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.tx_stalled = true;
+                let n = self.drop_pending();
+                self.shared.counters.tx_stalled.fetch_add(n, Relaxed);
+                if done(self) {
+                    return Ok(());
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the kernel did not free an AF_PACKET TX slot in time",
+                ));
+            }
+            self.sock
+                .wait_writable((deadline - now).min(Duration::from_millis(1)));
+        }
+    }
+
+    // ---- events ----
+
+    /// Swaps in the socket the watcher opened on a re-created interface.
+    fn take_replacement(&mut self) -> bool {
+        let Some(sock) = self.shared.take_replacement(self.pair) else {
+            return false;
+        };
+        let _ = self.ep.ctl(
+            ControlOperation::Delete,
+            self.sock.fd(),
+            EpollEvent::default(),
+        );
+        // Adding reports frames that arrived since the watcher bound the socket.
+        if let Err(e) = self.ep.ctl(
+            ControlOperation::Add,
+            sock.fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_SOCKET),
+        ) {
+            tracing::error!(
+                interface = self.shared.name(),
+                queue = self.pair,
+                error = %e,
+                "cannot watch the new socket"
+            );
+        }
+        self.sock = sock;
+        self.rx.reset();
+        self.tx_head = 0;
+        self.tx_stalled = false;
+        true
+    }
+
+    /// Handles what the private epoll set reports: a socket error (cleared; the watcher
+    /// follows the link), the watcher's doorbell (a replacement socket), and now and then the
+    /// kernel's RX drop counter. Returns true when the socket was replaced.
+    fn poll_events(&mut self) -> bool {
+        let mut events = [EpollEvent::default(); 4];
+        let n = self.ep.wait(0, &mut events).unwrap_or(0);
+        let mut replaced = false;
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_SOCKET if ev.event_set().contains(EventSet::ERROR) => {
+                    let _ = self.sock.take_error();
+                }
+                TOKEN_WAKE => {
+                    let _ = self.wake.read();
+                    replaced |= self.take_replacement();
+                }
+                _ => {}
+            }
+        }
+        if self.last_stats.elapsed() >= STATS_INTERVAL {
+            self.last_stats = Instant::now();
+            if let Ok((_, drops)) = self.sock.take_stats() {
+                if drops > 0 {
+                    self.shared
+                        .counters
+                        .rx_ring_full
+                        .fetch_add(u64::from(drops), Relaxed);
+                    tracing::warn!(
+                        interface = self.shared.name(),
+                        queue = self.pair,
+                        drops,
+                        "RX ring full: the kernel dropped frames for the guest"
+                    );
+                }
+            }
+        }
+        replaced
+    }
+}
+
+impl HostQueue for AfPacketQueue {
+    fn rx_fd(&self) -> RawFd {
+        self.ep.as_raw_fd()
+    }
+
+    unsafe fn recv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        loop {
+            let sock = &self.sock;
+            self.rx.release_consumed(|slot| {
+                // SAFETY: a slot of the live RX ring that we consumed; handing it back to the
+                // kernel ends our use of it.
+                unsafe { status(sock.rx_frame(slot)) }.store(libc::TP_STATUS_KERNEL, Release);
+            });
+            let picked = self.rx.pick(|slot| {
+                // SAFETY: `rx_frame` points at a slot of the live RX ring.
+                unsafe { status(sock.rx_frame(slot)) }.load(Acquire) & libc::TP_STATUS_USER != 0
+            });
+            let Some(slot) = picked else {
+                if self.poll_events() {
+                    continue;
+                }
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            let frame = self.sock.rx_frame(slot);
+            // SAFETY: a slot of the live RX ring.
+            let st = unsafe { status(frame) }.load(Acquire);
+            // SAFETY: the slot is ours (TP_STATUS_USER); the caller vouches for the iovecs.
+            let r = unsafe { self.deliver(frame, st, iov) };
+            if self.rx.consumed(slot) {
+                // SAFETY: as above; handing the slot back to the kernel ends our use of it.
+                unsafe { status(frame) }.store(libc::TP_STATUS_KERNEL, Release);
+            }
+            match r {
+                Rx::Frame(len) => return Ok(len),
+                Rx::Skip => continue,
+                Rx::Drop => return Err(io::ErrorKind::InvalidInput.into()),
+            }
+        }
+    }
+
+    unsafe fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let hdr_len = self.shared.hdr_len();
+        let total = iov_len(iov);
+        let max = TX_RING.frame_size - TX_DATA_OFFSET - VNET_HDR_LEN;
+        if total < hdr_len + ETH_HLEN || total - hdr_len > max {
+            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let frame_len = total - hdr_len;
+        let mut r = IovReader::new(iov);
+        let mut raw = [0u8; VNET_HDR_LEN];
+        // SAFETY: the caller guarantees the iovecs are readable; `raw` is a local buffer.
+        unsafe {
+            r.read(&mut raw);
+            r.read_raw(std::ptr::null_mut(), hdr_len - VNET_HDR_LEN);
+        }
+        let mut vnet = VnetHdr::parse(&raw);
+        if prepare_tx(&mut vnet, frame_len, false).is_err() {
+            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let errno = match self.shared.link() {
+            Link::Up => 0,
+            Link::Down => libc::ENETDOWN,
+            Link::Gone => {
+                // The watcher may have a new socket waiting.
+                self.poll_events();
+                if self.shared.link() == Link::Gone {
+                    libc::ENXIO
+                } else {
+                    0
+                }
+            }
+        };
+        if errno != 0 {
+            self.shared.counters.tx_link_down.fetch_add(1, Relaxed);
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let slot = self.tx_head;
+        if !self.tx_free(slot) {
+            self.wait_tx(|q| q.tx_free(slot))?;
+        }
+        let frame = self.sock.tx_frame(slot);
+        // SAFETY: the slot is free (the kernel does not touch it until we mark it), and holds
+        // TX_DATA_OFFSET + VNET_HDR_LEN + `max` bytes; the iovecs are readable guest memory
+        // disjoint from the ring.
+        unsafe {
+            let data = frame.add(TX_DATA_OFFSET);
+            std::ptr::copy_nonoverlapping(vnet.to_bytes().as_ptr(), data, VNET_HDR_LEN);
+            r.read_raw(data.add(VNET_HDR_LEN), frame_len);
+            let h = frame.cast::<libc::tpacket2_hdr>();
+            std::ptr::addr_of_mut!((*h).tp_len).write((VNET_HDR_LEN + frame_len) as u32);
+            status(frame).store(libc::TP_STATUS_SEND_REQUEST, Release);
+        }
+        self.tx_head = (slot + 1) % TX_RING.frame_nr();
+        self.wait_tx(|q| !q.tx_pending(slot))?;
+        // The kernel reports a refused frame with an error, which `kick` handles; should it
+        // ever mark one without, the slot must still not stay in the kernel's way.
+        if self.take_back_refused() {
+            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,546 @@
+//! The kernel side: one AF_PACKET socket with its mmap'd RX and TX rings, and the small
+//! syscalls around it (fan-out, statistics, link state and link events).
+
+use std::ffi::CStr;
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use super::frame::VNET_HDR_LEN;
+
+/// `TPACKET_V2` of `enum tpacket_versions`.
+const TPACKET_V2: libc::c_int = 1;
+/// `TPACKET_ALIGNMENT`.
+const TPACKET_ALIGNMENT: usize = 16;
+/// `sizeof(struct tpacket2_hdr)` rounded to `TPACKET_ALIGNMENT`: where the `sockaddr_ll` of an
+/// RX frame sits, and where a TX frame's data (our vnet header) starts.
+pub const TPACKET2_HDR_ALIGNED: usize = 32;
+/// `TPACKET2_HDRLEN`: the aligned header plus `struct sockaddr_ll`.
+pub const TPACKET2_HDRLEN: usize = TPACKET2_HDR_ALIGNED + mem::size_of::<libc::sockaddr_ll>();
+/// Offset of a TX frame's data: `tp_hdrlen - sizeof(struct sockaddr_ll)` (no PACKET_TX_HAS_OFF).
+pub const TX_DATA_OFFSET: usize = TPACKET2_HDRLEN - mem::size_of::<libc::sockaddr_ll>();
+/// Offset of a received frame's MAC header in the worst case the ring must hold: the kernel
+/// puts it at `TPACKET_ALIGN(TPACKET2_HDRLEN + 16) + vnet header - mac length`, and needs at
+/// most this much before the frame data.
+pub const RX_MAX_MAC_OFFSET: usize = align(TPACKET2_HDRLEN + 16) + VNET_HDR_LEN;
+
+const fn align(x: usize) -> usize {
+    (x + TPACKET_ALIGNMENT - 1) & !(TPACKET_ALIGNMENT - 1)
+}
+
+/// Shape of one ring: `block_nr` blocks of `block_size` bytes, each holding
+/// `frames_per_block` frame slots of `frame_size` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingGeometry {
+    /// Bytes per block (a multiple of the page size; the kernel allocates a power of two
+    /// pages per block, so powers of two waste nothing).
+    pub block_size: usize,
+    /// Number of blocks.
+    pub block_nr: usize,
+    /// Bytes per frame slot (a multiple of 16).
+    pub frame_size: usize,
+    /// Frame slots per block.
+    pub frames_per_block: usize,
+}
+
+impl RingGeometry {
+    /// The ring with `block_nr` blocks of `block_size` bytes whose slots each hold at least
+    /// `min_frame` bytes, the spare space of a block spread over its slots.
+    ///
+    /// # Panics
+    /// If a block cannot hold one such slot (a programming error in the constants).
+    pub const fn new(min_frame: usize, block_size: usize, block_nr: usize) -> Self {
+        let frames_per_block = block_size / align(min_frame);
+        assert!(frames_per_block > 0 && block_nr > 0);
+        let frame_size = (block_size / frames_per_block) & !(TPACKET_ALIGNMENT - 1);
+        RingGeometry {
+            block_size,
+            block_nr,
+            frame_size,
+            frames_per_block,
+        }
+    }
+
+    /// Number of frame slots.
+    pub const fn frame_nr(&self) -> usize {
+        self.block_nr * self.frames_per_block
+    }
+
+    /// Bytes of the ring in the mapping.
+    pub const fn bytes(&self) -> usize {
+        self.block_size * self.block_nr
+    }
+
+    /// Offset of slot `idx` from the start of the ring.
+    pub const fn offset(&self, idx: usize) -> usize {
+        (idx / self.frames_per_block) * self.block_size
+            + (idx % self.frames_per_block) * self.frame_size
+    }
+
+    fn req(&self) -> io::Result<libc::tpacket_req> {
+        let c = |v: usize| libc::c_uint::try_from(v).map_err(io::Error::other);
+        Ok(libc::tpacket_req {
+            tp_block_size: c(self.block_size)?,
+            tp_block_nr: c(self.block_nr)?,
+            tp_frame_size: c(self.frame_size)?,
+            tp_frame_nr: c(self.frame_nr())?,
+        })
+    }
+}
+
+/// A failed step of socket setup.
+#[derive(Debug)]
+pub struct SetupError {
+    /// Which step.
+    pub what: &'static str,
+    /// Cause.
+    pub source: io::Error,
+}
+
+fn step<T>(what: &'static str, r: io::Result<T>) -> Result<T, SetupError> {
+    r.map_err(|source| SetupError { what, source })
+}
+
+/// Options the kernel may not support; recorded so the port can report them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Optional {
+    /// PACKET_QDISC_BYPASS is on.
+    pub qdisc_bypass: bool,
+    /// PACKET_IGNORE_OUTGOING is on (else outgoing frames are skipped by `sll_pkttype`).
+    pub ignore_outgoing: bool,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes from a live reference; every T used here
+    // is the plain-old-data struct or int the option expects.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (val as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn getsockopt<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut val = T::default();
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into a live, exclusive `T`, a plain-old-data
+    // type for the options used here.
+    cvt(unsafe { libc::getsockopt(fd, level, name, (&mut val as *mut T).cast(), &mut len) })?;
+    Ok(val)
+}
+
+/// An AF_PACKET socket bound to one interface, with TPACKET_V2 RX and TX rings mapped.
+pub struct PacketSocket {
+    fd: OwnedFd,
+    map: NonNull<u8>,
+    map_len: usize,
+    rx: RingGeometry,
+    tx: RingGeometry,
+    optional: Optional,
+}
+
+// SAFETY: the mapping is owned by this value and only touched through it; the kernel's
+// concurrent access follows the ring protocol (per-slot status words), not thread affinity.
+unsafe impl Send for PacketSocket {}
+
+impl PacketSocket {
+    /// Opens a socket on interface `ifindex`: TPACKET_V2, virtio-net headers, qdisc bypass,
+    /// no copies of our own transmissions, the two rings, and promiscuous membership (released
+    /// when the socket closes). Frames arrive from the moment it is bound.
+    pub fn open(
+        ifindex: libc::c_int,
+        rx: RingGeometry,
+        tx: RingGeometry,
+    ) -> Result<Self, SetupError> {
+        // Protocol 0: nothing is received before the rings exist; bind() starts reception.
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        let raw = step("socket", cvt(raw))?;
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let s = fd.as_raw_fd();
+        let sol = libc::SOL_PACKET;
+        let one: libc::c_int = 1;
+        step(
+            "PACKET_VERSION",
+            setsockopt(s, sol, libc::PACKET_VERSION, &TPACKET_V2),
+        )?;
+        step(
+            "PACKET_VNET_HDR",
+            setsockopt(s, sol, libc::PACKET_VNET_HDR, &one),
+        )?;
+        let optional = Optional {
+            qdisc_bypass: setsockopt(s, sol, libc::PACKET_QDISC_BYPASS, &one).is_ok(),
+            ignore_outgoing: setsockopt(s, sol, libc::PACKET_IGNORE_OUTGOING, &one).is_ok(),
+        };
+        // Room for a full TX ring in flight (on a NIC, slots stay busy until TX completion).
+        let sndbuf = libc::c_int::try_from(tx.bytes()).unwrap_or(libc::c_int::MAX);
+        if setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf).is_err() {
+            let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf);
+        }
+        step(
+            "PACKET_RX_RING",
+            rx.req()
+                .and_then(|r| setsockopt(s, sol, libc::PACKET_RX_RING, &r)),
+        )?;
+        step(
+            "PACKET_TX_RING",
+            tx.req()
+                .and_then(|r| setsockopt(s, sol, libc::PACKET_TX_RING, &r)),
+        )?;
+        let map_len = rx.bytes() + tx.bytes();
+        // SAFETY: a fresh shared mapping of the socket's rings (RX then TX, the layout the
+        // kernel requires); the result is checked and owned by the returned value, which
+        // unmaps it on drop.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                s,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(SetupError {
+                what: "mmap of the rings",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let map = NonNull::new(map.cast::<u8>()).ok_or_else(|| SetupError {
+            what: "mmap of the rings",
+            source: io::Error::other("null mapping"),
+        })?;
+        // From here on, Drop unmaps.
+        let sock = PacketSocket {
+            fd,
+            map,
+            map_len,
+            rx,
+            tx,
+            optional,
+        };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as libc::c_ushort;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = ifindex;
+        // SAFETY: `addr` is a valid sockaddr_ll and the length matches it.
+        let r = unsafe {
+            libc::bind(
+                s,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        step("bind", cvt(r))?;
+        let mreq = libc::packet_mreq {
+            mr_ifindex: ifindex,
+            mr_type: libc::PACKET_MR_PROMISC as libc::c_ushort,
+            mr_alen: 0,
+            mr_address: [0; 8],
+        };
+        step(
+            "PACKET_ADD_MEMBERSHIP (promiscuous)",
+            setsockopt(s, sol, libc::PACKET_ADD_MEMBERSHIP, &mreq),
+        )?;
+        Ok(sock)
+    }
+
+    /// The socket fd.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// A second descriptor of the same socket, for watching its binding from another thread.
+    pub fn probe(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    /// Which optional settings took effect.
+    pub fn optional(&self) -> Optional {
+        self.optional
+    }
+
+    /// Start of RX slot `idx` (modulo the ring size).
+    pub fn rx_frame(&self, idx: usize) -> *mut u8 {
+        let off = self.rx.offset(idx % self.rx.frame_nr());
+        // SAFETY: `off` is inside the RX part of the mapping, which is `rx.bytes()` long.
+        unsafe { self.map.as_ptr().add(off) }
+    }
+
+    /// Start of TX slot `idx` (modulo the ring size).
+    pub fn tx_frame(&self, idx: usize) -> *mut u8 {
+        let off = self.rx.bytes() + self.tx.offset(idx % self.tx.frame_nr());
+        // SAFETY: the TX ring follows the RX ring in the mapping; `off` is inside it.
+        unsafe { self.map.as_ptr().add(off) }
+    }
+
+    /// Asks the kernel to transmit every slot marked `TP_STATUS_SEND_REQUEST`, without waiting.
+    pub fn kick(&self) -> io::Result<()> {
+        loop {
+            // SAFETY: a zero-length send with a null buffer: the kernel reads no user memory
+            // and takes the frames from the TX ring.
+            let r = unsafe { libc::send(self.fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT) };
+            if r >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the socket to become writable (a TX slot freed) or to report
+    /// an error.
+    pub fn wait_writable(&self, timeout: Duration) {
+        let mut p = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, ms) };
+    }
+
+    /// Takes the pending socket error (SO_ERROR), e.g. ENETDOWN after the interface went down.
+    pub fn take_error(&self) -> Option<io::Error> {
+        match getsockopt::<libc::c_int>(self.fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+            Ok(0) => None,
+            Ok(e) => Some(io::Error::from_raw_os_error(e)),
+            Err(e) => Some(e),
+        }
+    }
+
+    /// Frames received and dropped by the kernel since the last call (the counters reset on
+    /// read); drops are frames that found the RX ring full.
+    pub fn take_stats(&self) -> io::Result<(u32, u32)> {
+        #[derive(Default)]
+        #[repr(C)]
+        struct Stats {
+            packets: libc::c_uint,
+            drops: libc::c_uint,
+        }
+        let s: Stats = getsockopt(self.fd(), libc::SOL_PACKET, libc::PACKET_STATISTICS)?;
+        Ok((s.packets, s.drops))
+    }
+
+    /// Creates a new hash fan-out group with a kernel-chosen id and joins it; returns the id.
+    pub fn fanout_create(&self) -> io::Result<u16> {
+        let arg = ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16) as i32;
+        setsockopt(self.fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)?;
+        let v: libc::c_int = getsockopt(self.fd(), libc::SOL_PACKET, libc::PACKET_FANOUT)?;
+        Ok((v & 0xffff) as u16)
+    }
+
+    /// Joins the hash fan-out group `id` (same interface, same type).
+    pub fn fanout_join(&self, id: u16) -> io::Result<()> {
+        let arg = i32::from(id) | ((libc::PACKET_FANOUT_HASH << 16) as i32);
+        setsockopt(self.fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        // SAFETY: `map`/`map_len` describe the mapping created in `open`, unmapped only here;
+        // no reference into it outlives `self`. The fd closes afterwards (field drop).
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// The status word at the start of a ring slot, shared with the kernel.
+///
+/// # Safety
+/// `frame` must point at the start of a slot of a live ring mapping.
+pub unsafe fn status<'a>(frame: *mut u8) -> &'a AtomicU32 {
+    // SAFETY: slots are 16-byte aligned inside a page-aligned mapping, so the u32 at offset 0
+    // is aligned; the caller guarantees the mapping outlives the returned reference's use.
+    unsafe { &*frame.cast::<AtomicU32>() }
+}
+
+/// Index of interface `name`, or None if it does not exist.
+pub fn if_index(name: &CStr) -> Option<libc::c_int> {
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    libc::c_int::try_from(i).ok().filter(|i| *i > 0)
+}
+
+/// Whether interface `ifindex` exists and is administratively up.
+pub fn if_is_up(ifindex: libc::c_int) -> io::Result<bool> {
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    let index = libc::c_uint::try_from(ifindex).map_err(io::Error::other)?;
+    // SAFETY: if_indextoname writes at most IFNAMSIZ bytes into the buffer.
+    if unsafe { libc::if_indextoname(index, req.name.as_mut_ptr()) }.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` is a fresh descriptor nobody else owns.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: SIOCGIFFLAGS reads and writes a `struct ifreq`, which IfReq mirrors (16-byte
+    // name, then the 24-byte union starting with the flags); it lives for the call.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut IfReq) })?;
+    Ok(req.flags & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// The interface index an AF_PACKET socket is bound to: -1 once the interface was unregistered
+/// (deleted or moved to another namespace) under it.
+pub fn bound_ifindex(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `addr`, both live for the call.
+    cvt(unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_ll).cast(), &mut len) })?;
+    Ok(addr.sll_ifindex)
+}
+
+/// A netlink socket subscribed to link events (RTMGRP_LINK) of this network namespace.
+pub struct LinkEvents(OwnedFd);
+
+impl LinkEvents {
+    /// Subscribes.
+    pub fn open() -> io::Result<LinkEvents> {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = cvt(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: `addr` is a valid sockaddr_nl and the length matches it.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })?;
+        Ok(LinkEvents(fd))
+    }
+
+    /// The fd (readable when link events are queued).
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Discards every queued message. The caller re-reads the state it cares about, which
+    /// also covers messages lost to a full socket buffer (ENOBUFS).
+    pub fn drain(&self) {
+        let mut buf = [0u8; 16384];
+        loop {
+            // SAFETY: receives at most `buf.len()` bytes into a live buffer; non-blocking.
+            let r = unsafe {
+                libc::recv(
+                    self.fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::ENOBUFS) => continue,
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes (None: forever); returns which are.
+pub fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Vec<bool> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `p` is a live array of `p.len()` pollfds for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    if r <= 0 {
+        return vec![false; fds.len()];
+    }
+    p.iter().map(|p| p.revents != 0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_header_constants() {
+        assert_eq!(mem::size_of::<libc::tpacket2_hdr>(), 32);
+        assert_eq!(TPACKET2_HDRLEN, 52);
+        assert_eq!(TX_DATA_OFFSET, 32);
+        // TPACKET_ALIGN(52 + 16) + 10: the MAC header of a 14-byte Ethernet frame lands at 76.
+        assert_eq!(RX_MAX_MAC_OFFSET, 90);
+    }
+
+    #[test]
+    fn geometry_spreads_spare_space_and_addresses_slots() {
+        let g = RingGeometry::new(65_000, 1 << 20, 3);
+        assert_eq!(g.frames_per_block, 16);
+        assert_eq!(g.frame_size, 65_536);
+        assert_eq!(g.frame_nr(), 48);
+        assert_eq!(g.bytes(), 3 << 20);
+        assert_eq!(g.offset(0), 0);
+        assert_eq!(g.offset(15), 15 * 65_536);
+        assert_eq!(g.offset(16), 1 << 20);
+        assert_eq!(g.offset(17), (1 << 20) + 65_536);
+
+        let g = RingGeometry::new(65_643, 1 << 20, 17);
+        assert_eq!(g.frames_per_block, 15);
+        assert_eq!(g.frame_size % 16, 0);
+        assert!(g.frame_size >= 65_643);
+        assert!(g.frame_size * 15 <= 1 << 20);
+        assert_eq!(g.frame_nr(), 255);
+    }
+}
