@@ -103,6 +103,22 @@ pub fn render(ports: &[PortStats]) -> String {
         },
     );
     family(
+        "vhost_pump_rx_ring_full_total",
+        "Times host frames waited for guest RX buffers.",
+        "counter",
+        &mut |o| {
+            for p in ports {
+                for (q, s) in p.queues.iter().enumerate() {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_rx_ring_full_total{{port=\"{}\",queue=\"{q}\"}} {}",
+                        p.name, s.rx_ring_full
+                    );
+                }
+            }
+        },
+    );
+    family(
         "vhost_pump_wakeups_total",
         "Worker wake-ups that found work (busy) or none (idle).",
         "counter",
@@ -256,6 +272,7 @@ mod tests {
                 tx: d(7),
                 busy_wakeups: 3,
                 idle_wakeups: 4,
+                rx_ring_full: 6,
             }],
         };
         let text = render(&[p]);
@@ -266,6 +283,7 @@ mod tests {
             "vhost_pump_bytes_total{port=\"vm0\",queue=\"0\",dir=\"tx\"} 700",
             "vhost_pump_drops_total{port=\"vm0\",queue=\"0\",dir=\"tx\",reason=\"runt\"} 2",
             "vhost_pump_wakeups_total{port=\"vm0\",queue=\"0\",kind=\"idle\"} 4",
+            "vhost_pump_rx_ring_full_total{port=\"vm0\",queue=\"0\"} 6",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

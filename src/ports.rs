@@ -200,6 +200,7 @@ impl RunningPort {
                     tx: DirectionSnapshot::of(&q.tx),
                     busy_wakeups: q.busy_wakeups.load(Relaxed),
                     idle_wakeups: q.idle_wakeups.load(Relaxed),
+                    rx_ring_full: q.rx_ring_full.load(Relaxed),
                 })
                 .collect(),
         }
@@ -250,6 +251,9 @@ pub struct QueuePairStats {
     pub busy_wakeups: u64,
     /// Wake-ups that found none.
     pub idle_wakeups: u64,
+    /// Times host frames waited for guest RX buffers.
+    #[serde(default)]
+    pub rx_ring_full: u64,
 }
 
 /// State and counters of one port.

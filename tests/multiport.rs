@@ -150,6 +150,7 @@ host = {{ kind = "af-packet", name = "nosuchif0" }}
         ])
         .args(["--control", control.to_str().unwrap()])
         .args(["--metrics", &format!("unix:{}", metrics.display())])
+        .args(["--log-format", "json"])
         .stderr(log)
         .spawn()
         .unwrap(),
@@ -276,4 +277,21 @@ host = {{ kind = "af-packet", name = "nosuchif0" }}
     for s in ["m0.sock", "m2.sock", "control.sock"] {
         assert!(!dir.join(s).exists(), "{s} left behind");
     }
+
+    // Structured logs: one JSON object per line, the broken port's error among them.
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|v| v["level"].is_string() && v["fields"].is_object()));
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["level"] == "ERROR" && v["fields"]["port"] == "broken"),
+        "{log}"
+    );
 }

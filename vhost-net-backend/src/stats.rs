@@ -103,4 +103,6 @@ pub struct QueueStats {
     pub busy_wakeups: AtomicU64,
     /// Times the worker woke up and found nothing to do.
     pub idle_wakeups: AtomicU64,
+    /// Times frames waited because the guest's RX ring had no room (ring-full events).
+    pub rx_ring_full: AtomicU64,
 }

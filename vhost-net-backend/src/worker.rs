@@ -286,6 +286,11 @@ impl QueuePairWorker {
             {
                 Slot::Ready(iov) => iov,
                 Slot::Starved => {
+                    if starved_retries == 0 {
+                        self.stats
+                            .rx_ring_full
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     // Ask the guest for a kick when it posts buffers; re-check for a race.
                     // Bounded retries: see `empty_passes` in process_tx. Notifications stay
                     // enabled when we give up, so the guest's next buffer wakes us.
@@ -927,6 +932,7 @@ mod tests {
         assert_eq!(p.host.pending(), 2);
         assert_eq!(p.stats.rx.frames.load(Relaxed), 0);
         assert_eq!(p.stats.rx.total_drops(), 0);
+        assert_eq!(p.stats.rx_ring_full.load(Relaxed), 1);
         assert_eq!(p.rx.used_idx(), 0);
 
         // One buffer: one frame goes, the other waits, and the device asks for a kick.
