@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringMutex, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::chain::{collect_chain, Access};
@@ -19,6 +19,8 @@ use crate::stats::{DropReason, QueueStats};
 
 /// Frames moved per direction before the other direction gets its turn.
 const BUDGET: usize = 256;
+/// TX chains gathered behind one read of the avail index.
+const TX_BATCH: usize = 32;
 /// Smallest frame accepted from the guest: an Ethernet header.
 const MIN_FRAME: usize = 14;
 
@@ -51,6 +53,8 @@ pub struct QueuePairWorker {
     vrings: Option<[VringMutex; 2]>,
     rx_bufs: RxBuffers,
     tx_iov: Vec<libc::iovec>,
+    /// One TX batch: head, range in `tx_iov`, chain length or why it is refused.
+    tx_batch: Vec<(u16, usize, usize, Result<usize, DropReason>)>,
     /// The host queue may hold frames (cleared when `recv` says `WouldBlock`).
     host_readable: bool,
     hdr_len: usize,
@@ -80,6 +84,7 @@ impl QueuePairWorker {
             vrings: None,
             rx_bufs: RxBuffers::default(),
             tx_iov: Vec::with_capacity(64),
+            tx_batch: Vec::with_capacity(TX_BATCH),
             host_readable: true,
             hdr_len: 12,
             mergeable: false,
@@ -196,42 +201,62 @@ impl QueuePairWorker {
         // can make avail entries unreadable (ring in a memory hole) while `idx` moves on, and
         // must not be able to keep this loop spinning.
         let mut empty_passes = 0;
+        let (mut frames, mut bytes) = (0u64, 0u64);
         'ring: loop {
             let _ = q.disable_notification(mem.as_ref());
             let moved_before = pass.moved;
-            while let Some(chain) = q.pop_descriptor_chain(mem.as_ref()) {
-                let head = chain.head_index();
+            loop {
+                // A batch of chains behind one read of the avail index, then their frames.
                 self.tx_iov.clear();
-                match collect_chain(chain, mem, Access::Read, max_len, &mut self.tx_iov) {
-                    Ok(len) if len < self.hdr_len + MIN_FRAME => self.tx_drop(DropReason::Runt),
-                    Ok(len) => {
-                        // SAFETY: the iovecs were just built from guest memory that `mem` keeps
-                        // mapped for the duration of the call.
-                        match unsafe { self.port.send(&self.tx_iov) } {
-                            Ok(_) => self.stats.tx.frame(len - self.hdr_len),
-                            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                                self.tx_drop(DropReason::HostRejected)
-                            }
-                            Err(e) => {
-                                self.log.warn("tx", &e);
-                                self.tx_drop(DropReason::HostError)
+                self.tx_batch.clear();
+                let room = TX_BATCH.min(BUDGET - pass.moved);
+                if let Ok(iter) = q.iter(mem.as_ref()) {
+                    for chain in iter.take(room) {
+                        let head = chain.head_index();
+                        let start = self.tx_iov.len();
+                        let r = collect_chain(chain, mem, Access::Read, max_len, &mut self.tx_iov);
+                        self.tx_batch.push((head, start, self.tx_iov.len(), r));
+                    }
+                }
+                if self.tx_batch.is_empty() {
+                    break;
+                }
+                for i in 0..self.tx_batch.len() {
+                    let (head, start, end, r) = self.tx_batch[i];
+                    match r {
+                        Ok(len) if len < self.hdr_len + MIN_FRAME => self.tx_drop(DropReason::Runt),
+                        Ok(len) => {
+                            // SAFETY: the iovecs were just built from guest memory that `mem`
+                            // keeps mapped for the duration of the call.
+                            match unsafe { self.port.send(&self.tx_iov[start..end]) } {
+                                Ok(_) => {
+                                    frames += 1;
+                                    bytes += (len - self.hdr_len) as u64;
+                                }
+                                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                                    self.tx_drop(DropReason::HostRejected)
+                                }
+                                Err(e) => {
+                                    self.log.warn("tx", &e);
+                                    self.tx_drop(DropReason::HostError)
+                                }
                             }
                         }
+                        Err(reason) => self.tx_drop(reason),
                     }
-                    Err(reason) => self.tx_drop(reason),
+                    match q.add_used(mem.as_ref(), head, 0) {
+                        Ok(()) => {}
+                        // A head index beyond the ring (counted as a bad chain above) has no
+                        // used entry to take; the chains behind it are still served.
+                        Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
+                        Err(_) => {
+                            self.tx_drop(DropReason::BadAddress);
+                            break 'ring;
+                        }
+                    }
+                    pass.moved += 1;
                 }
                 self.tx_iov.clear();
-                match q.add_used(mem.as_ref(), head, 0) {
-                    Ok(()) => {}
-                    // A head index beyond the ring (counted as a bad chain above) has no used
-                    // entry to take; the chains behind it are still served.
-                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
-                    Err(_) => {
-                        self.tx_drop(DropReason::BadAddress);
-                        break 'ring;
-                    }
-                }
-                pass.moved += 1;
                 if pass.moved >= BUDGET {
                     pass.more = true;
                     break 'ring;
@@ -247,6 +272,14 @@ impl QueuePairWorker {
                 _ => break,
             }
         }
+        self.stats
+            .tx
+            .frames
+            .fetch_add(frames, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .tx
+            .bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         if pass.moved > 0 && q.needs_notification(mem.as_ref()).unwrap_or(true) {
             let _ = state.signal_used_queue();
             self.stats
