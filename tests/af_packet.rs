@@ -21,8 +21,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::guest::{self, GuestOpts, QemuGuest};
-use common::netns::{self, in_new_netns, ip, PacketSocket as Peer};
+use common::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, QemuGuest};
+use common::netns::{self, in_new_netns, ip, target_workdir as workdir, PacketSocket as Peer};
 use vhost_net_backend::{GuestOffloads, HostPort, HostQueue};
 use vhost_pump::af_packet::AfPacketPort;
 
@@ -852,31 +852,6 @@ impl Drop for Daemon {
             eprintln!("--- vhost-pump log ---\n{}", self.log_text());
         }
     }
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn iperf_mbps(out: &str) -> Option<f64> {
-    let line = out.lines().rev().find(|l| l.contains("receiver"))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let i = words.iter().position(|w| *w == "Mbits/sec")?;
-    words.get(i.checked_sub(1)?)?.parse().ok()
-}
-
-fn stat(out: &str, key: &str) -> u64 {
-    out.lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix(key)
-                .and_then(|r| r.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Checks the guest prerequisites; takes the VM lock.

@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::guest::{self, GuestOpts, NetKind, QemuGuest};
-use common::netns::{KillOnDrop as Proc, NamedNetns as Netns};
+use common::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, NetKind, QemuGuest};
+use common::netns::{target_workdir as workdir, KillOnDrop as Proc, NamedNetns as Netns};
 
 const HOST_IP: &str = "10.252.0.1";
 const GUEST_CIDR: &str = "10.252.0.2/24";
@@ -55,32 +55,6 @@ fn spawn_daemon(ns: &Netns, socket: &Path, log: &Path, tap: &str, extra: &[&str]
         .spawn()
         .expect("spawn vhost-pump");
     Proc(child)
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Parses the receiver's Mbit/s from `iperf3 -f m` output.
-fn iperf_mbps(out: &str) -> Option<f64> {
-    let line = out.lines().rev().find(|l| l.contains("receiver"))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let i = words.iter().position(|w| *w == "Mbits/sec")?;
-    words.get(i.checked_sub(1)?)?.parse().ok()
-}
-
-fn stat(out: &str, key: &str) -> u64 {
-    out.lines()
-        .find_map(|l| {
-            let l = l.trim();
-            l.strip_prefix(key)
-                .and_then(|r| r.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[test]

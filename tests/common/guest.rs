@@ -773,3 +773,23 @@ pub fn hmp(socket: &Path, cmd: &str) -> io::Result<String> {
     let out = read_prompt(&mut s)?;
     Ok(out.trim_end_matches("(qemu) ").to_string())
 }
+
+/// The receiver's Mbit/s from `iperf3 -f m` output.
+pub fn iperf_mbps(out: &str) -> Option<f64> {
+    let line = out.lines().rev().find(|l| l.contains("receiver"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "Mbits/sec")?;
+    words.get(i.checked_sub(1)?)?.parse().ok()
+}
+
+/// One counter from `ethtool -S` output (`key: value` lines); 0 when absent.
+pub fn ethtool_stat(out: &str, key: &str) -> u64 {
+    out.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(key)
+                .and_then(|r| r.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

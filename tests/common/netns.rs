@@ -739,3 +739,12 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A fresh, empty directory `name` under the integration tests' target tmp dir (kept after
+/// the test for its logs).
+pub fn target_workdir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
