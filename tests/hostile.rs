@@ -131,9 +131,7 @@ fn wait_for(path: &Path, child: &mut Child, log: &Path) {
 
 impl Env {
     fn start() -> Env {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::netns::target_workdir("hostile");
         let d = dir.display();
         let config = dir.join("ports.toml");
         std::fs::write(

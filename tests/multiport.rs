@@ -9,7 +9,7 @@ use common::netns::{KillOnDrop as Proc, NamedNetns};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -110,9 +110,7 @@ fn config_file_control_socket_metrics_and_isolation() {
         common::guest::skip_or_fail("multiport", &why);
         return;
     }
-    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("multiport");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::netns::target_workdir("multiport");
     let d = dir.display();
     let config = dir.join("ports.toml");
     std::fs::write(

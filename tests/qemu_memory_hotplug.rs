@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::guest::{self, hmp, GuestOpts, QemuGuest};
@@ -20,9 +19,7 @@ fn hot_added_memory_reaches_the_backend() {
         guest::skip_or_fail("hot_added_memory_reaches_the_backend", &why);
         return;
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memhp");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::netns::target_workdir("memhp");
     let socket = dir.join("vu.sock");
     let log_path = dir.join("vhost-pump.log");
     let ns = NamedNetns::create("vp-memhp");
