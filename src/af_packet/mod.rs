@@ -37,16 +37,19 @@
 //!   (another CPU is still writing it) does not hold up later, already filled ones: they are
 //!   consumed and kept, and every slot goes back to the kernel in order (module `cursor`).
 //!   Frames the kernel drops because the ring is full are counted and logged.
-//! - **Transmit** copies the guest's frame into the next free TX slot, marks it
-//!   `TP_STATUS_SEND_REQUEST` and kicks with `send(fd, NULL, 0, MSG_DONTWAIT)`; the kernel
-//!   builds the skb around the ring pages. When no slot is free, or the kernel could not take
-//!   the frame yet (socket buffer full, driver queue stopped), the queue waits for a slot with
+//! - **Transmit** copies each guest frame of a burst into the next free TX slot and marks it
+//!   `TP_STATUS_SEND_REQUEST`; at the end of the burst ([`HostQueue::flush`]) one
+//!   `send(fd, NULL, 0, MSG_DONTWAIT)` hands them all to the kernel, which builds the skbs
+//!   around the ring pages: one system call per burst, not per frame. Flush waits until the
+//!   kernel has taken every frame of the burst: when it could not yet (socket buffer full,
+//!   driver queue stopped), or no slot is free for the next frame, the queue sleeps in
 //!   `poll(POLLOUT)` and kicks again, bounded by [`TX_STALL`], so no frame the guest gave is
-//!   lost to a transient condition and a dead device cannot wedge the worker. A transmit
-//!   returns only once the kernel took its frame (or it was dropped), so at most one slot is
-//!   ever pending: a frame the kernel refuses (`TP_STATUS_WRONG_FORMAT`, e.g. a GSO header it
-//!   rejects) is reported as `InvalidInput` and its slot reused, so the ring never stalls and
-//!   nothing is lost silently (hence no `PACKET_LOSS`).
+//!   lost to a transient condition and a dead device cannot wedge the worker. A frame the kernel
+//!   refuses (`TP_STATUS_WRONG_FORMAT`, e.g. a GSO header it rejects) stops the kernel at its
+//!   slot: it is counted, the frames behind it move down one slot and are kicked again, so the
+//!   ring never stalls and nothing is lost silently (hence no `PACKET_LOSS`, which would drop
+//!   such frames uncounted). Frames dropped after `send` accepted them are reported by
+//!   `flush`, and the worker moves them from its sent to its dropped counters.
 //! - `PACKET_QDISC_BYPASS` (straight to the driver), `PACKET_IGNORE_OUTGOING` (the port never
 //!   receives its own transmissions; frames marked `PACKET_OUTGOING` are skipped anyway on
 //!   kernels without it), and promiscuous membership (`PACKET_MR_PROMISC`) so frames for the
@@ -203,6 +206,8 @@ pub struct AfPacketCounters {
     pub tx_link_down: AtomicU64,
     /// Guest frames dropped after waiting [`TX_STALL`] for the kernel.
     pub tx_stalled: AtomicU64,
+    /// Guest frames dropped because the kernel failed the transmission otherwise.
+    pub tx_failed: AtomicU64,
     /// Times a queue rebuilt its socket on a re-created interface.
     pub reattached: AtomicU64,
 }

@@ -4,11 +4,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_net_backend::HostQueue;
+use vhost_net_backend::{HostQueue, TxDrops};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,7 +22,7 @@ use super::sys::{
     status, Optional, PacketSocket, SetupError, TPACKET2_HDRLEN, TPACKET2_HDR_ALIGNED,
     TX_DATA_OFFSET,
 };
-use super::{Link, Shared, RX_RING, TX_RING, TX_STALL};
+use super::{AfPacketCounters, Link, Shared, RX_RING, TX_RING, TX_STALL};
 
 /// Epoll tokens of the queue's private set.
 const TOKEN_SOCKET: u64 = 0;
@@ -50,7 +51,12 @@ pub struct AfPacketQueue {
     sock: PacketSocket,
     /// Which RX slot comes next (tolerates slots filled out of order).
     rx: RxCursor,
+    /// Next TX slot to write (a count; slot = count % ring size).
     tx_head: usize,
+    /// First TX slot written that the kernel has not taken yet.
+    tx_kernel: usize,
+    /// Frames accepted by `send` and dropped since, for the next `flush` to report.
+    late: TxDrops,
     /// The fd the worker watches: a private epoll set with the socket and the watcher's
     /// doorbell, so the socket can be replaced under an unchanged fd.
     ep: Epoll,
@@ -84,6 +90,8 @@ impl AfPacketQueue {
             sock,
             rx: RxCursor::new(RX_RING.frame_nr(), MAX_AHEAD, PEEK),
             tx_head: 0,
+            tx_kernel: 0,
+            late: TxDrops::default(),
             ep,
             wake,
             tx_stalled: false,
@@ -191,81 +199,129 @@ impl AfPacketQueue {
     }
 
     // ---- transmit ----
+    //
+    // Slots are counted (slot = count % ring size). `tx_kernel..tx_head` are the frames
+    // written and marked TP_STATUS_SEND_REQUEST that the kernel has not taken yet; the kernel
+    // looks at them only inside our own `send(2)` (this thread), starting at `tx_kernel`, and
+    // stops at the first slot not marked. Before `tx_kernel`, slots are the kernel's until it
+    // marks them available again (the skb was freed: at once on a veth, on TX completion on a
+    // NIC).
+
+    /// The status word of TX slot `idx`.
+    fn tx_status(&self, idx: usize) -> u32 {
+        // SAFETY: `tx_frame` points at a slot of the live TX ring.
+        unsafe { status(self.sock.tx_frame(idx)) }.load(Acquire)
+    }
 
     /// True when TX slot `idx` may be filled (the kernel is done with it).
     fn tx_free(&self, idx: usize) -> bool {
-        // SAFETY: `tx_frame` points at a slot of the live TX ring.
-        let st = unsafe { status(self.sock.tx_frame(idx)) }.load(Acquire);
-        st & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_SENDING) == 0
+        self.tx_status(idx) & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_SENDING) == 0
     }
 
-    /// True when TX slot `idx` still waits for the kernel to take it.
-    fn tx_pending(&self, idx: usize) -> bool {
-        // SAFETY: as in `tx_free`.
-        let st = unsafe { status(self.sock.tx_frame(idx)) }.load(Acquire);
-        st & libc::TP_STATUS_SEND_REQUEST != 0
+    /// Frames written but not taken by the kernel yet.
+    fn tx_pending(&self) -> usize {
+        self.tx_head - self.tx_kernel
     }
 
-    /// Takes back every slot the kernel has not started sending (the most recent ones, just
-    /// before `tx_head`), counting them as dropped, so the ring and the kernel's position agree
-    /// again. Only called between kicks, when the kernel does not look at pending slots.
-    fn drop_pending(&mut self) -> u64 {
-        let n = TX_RING.frame_nr();
-        let mut dropped = 0;
-        while dropped < n as u64 {
-            let prev = (self.tx_head + n - 1) % n;
-            if !self.tx_pending(prev) {
+    /// The guest frame's length in TX slot `idx`, without the vnet header.
+    fn tx_frame_bytes(&self, idx: usize) -> u64 {
+        // SAFETY: the slot starts with a tpacket2_hdr (plain old data) that only we write.
+        let h = unsafe { std::ptr::read(self.sock.tx_frame(idx).cast::<libc::tpacket2_hdr>()) };
+        u64::from(h.tp_len).saturating_sub(VNET_HDR_LEN as u64)
+    }
+
+    /// Moves `tx_kernel` past the slots the kernel took (sending or sent).
+    fn reap(&mut self) {
+        while self.tx_kernel < self.tx_head {
+            let st = self.tx_status(self.tx_kernel);
+            if st & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_WRONG_FORMAT) != 0 {
                 break;
             }
-            // SAFETY: a slot of the live TX ring that the kernel does not own (not sending).
-            unsafe { status(self.sock.tx_frame(prev)) }.store(libc::TP_STATUS_AVAILABLE, Release);
-            self.tx_head = prev;
-            dropped += 1;
+            self.tx_kernel += 1;
         }
-        dropped
     }
 
-    /// Takes back the last written slot if the kernel refused its frame (marked it
-    /// `TP_STATUS_WRONG_FORMAT` and stopped there), so the next frame reuses it.
-    fn take_back_refused(&mut self) -> bool {
-        let n = TX_RING.frame_nr();
-        let prev = (self.tx_head + n - 1) % n;
-        // SAFETY: a slot of the live TX ring; the kernel stopped at it and does not own it.
-        let st = unsafe { status(self.sock.tx_frame(prev)) };
-        if st.load(Acquire) & libc::TP_STATUS_WRONG_FORMAT == 0 {
-            return false;
+    /// Takes back every pending frame, counted as lost (in `late` and `counter`), so the ring
+    /// and the kernel's position agree again. Only called between kicks, when the kernel does
+    /// not look at pending slots.
+    fn drop_pending(&mut self, counter: fn(&AfPacketCounters) -> &AtomicU64) {
+        let n = self.tx_pending() as u64;
+        for idx in self.tx_kernel..self.tx_head {
+            self.late.failed_bytes += self.tx_frame_bytes(idx);
+            // SAFETY: a pending slot of the live TX ring; the kernel does not own it.
+            unsafe { status(self.sock.tx_frame(idx)) }.store(libc::TP_STATUS_AVAILABLE, Release);
         }
-        st.store(libc::TP_STATUS_AVAILABLE, Release);
-        self.tx_head = prev;
-        true
+        self.late.failed += n;
+        counter(&self.shared.counters).fetch_add(n, Relaxed);
+        self.tx_head = self.tx_kernel;
     }
 
-    /// Kicks the kernel. The interface being down or gone ends the attempt (pending frames are
-    /// dropped and counted); a frame the kernel refused is taken back and reported as
-    /// `InvalidInput`; congestion is left to the caller's bounded wait.
+    /// The kernel refused the frame at `tx_kernel` (marked it `TP_STATUS_WRONG_FORMAT`, e.g. a
+    /// GSO header it rejects, and stopped there). Counts it and closes the gap: the frames
+    /// behind it move down one slot, so the kernel, which resumes at the refused slot, finds
+    /// them in order.
+    fn refuse_at_kernel(&mut self) {
+        let k = self.tx_kernel;
+        self.late.rejected += 1;
+        self.late.rejected_bytes += self.tx_frame_bytes(k);
+        self.shared.counters.tx_refused.fetch_add(1, Relaxed);
+        for idx in k..self.tx_head - 1 {
+            let (dst, src) = (self.sock.tx_frame(idx), self.sock.tx_frame(idx + 1));
+            // SAFETY: two distinct pending slots of the live TX ring (the kernel looks at
+            // neither outside our `send(2)`); the copy stays within the written part of the
+            // source slot (tp_len bytes at TX_DATA_OFFSET, bounded by the slot size when it
+            // was written).
+            unsafe {
+                let h = std::ptr::read(src.cast::<libc::tpacket2_hdr>());
+                let len = (h.tp_len as usize).min(TX_RING.frame_size - TX_DATA_OFFSET);
+                std::ptr::copy_nonoverlapping(
+                    src.add(TX_DATA_OFFSET),
+                    dst.add(TX_DATA_OFFSET),
+                    len,
+                );
+                std::ptr::addr_of_mut!((*dst.cast::<libc::tpacket2_hdr>()).tp_len).write(h.tp_len);
+                status(dst).store(libc::TP_STATUS_SEND_REQUEST, Release);
+            }
+        }
+        let last = self.sock.tx_frame(self.tx_head - 1);
+        // SAFETY: a pending slot of the live TX ring, now empty.
+        unsafe { status(last) }.store(libc::TP_STATUS_AVAILABLE, Release);
+        self.tx_head -= 1;
+    }
+
+    /// Kicks the kernel to take the pending frames and accounts for what it did: frames it
+    /// refused are counted and the rest kicked again; the interface being down or gone drops
+    /// the pending frames (counted) and ends the attempt; congestion leaves them pending, for
+    /// the caller's bounded wait.
     fn kick(&mut self) -> io::Result<()> {
-        let Err(e) = self.sock.kick() else {
-            return Ok(());
-        };
-        if self.take_back_refused() {
-            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
-        }
-        match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Ok(()),
-            Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV) => {
-                let n = self.drop_pending();
-                self.shared.counters.tx_link_down.fetch_add(n, Relaxed);
-                Err(e)
+        loop {
+            let r = self.sock.kick();
+            self.reap();
+            if self.tx_pending() > 0
+                && self.tx_status(self.tx_kernel) & libc::TP_STATUS_WRONG_FORMAT != 0
+            {
+                self.refuse_at_kernel();
+                continue;
             }
-            _ => {
-                self.drop_pending();
-                Err(e)
-            }
+            let Err(e) = r else {
+                return Ok(());
+            };
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Ok(()),
+                Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV) => {
+                    self.drop_pending(|c| &c.tx_link_down);
+                    Err(e)
+                }
+                _ => {
+                    self.drop_pending(|c| &c.tx_failed);
+                    Err(e)
+                }
+            };
         }
     }
 
-    /// Waits (bounded) until `done` holds, kicking the kernel and sleeping on POLLOUT.
+    /// Waits (bounded by [`TX_STALL`]) until `done` holds, kicking the kernel and sleeping on
+    /// POLLOUT. At the deadline the pending frames are dropped (counted).
     fn wait_tx(&mut self, done: impl Fn(&Self) -> bool) -> io::Result<()> {
         let deadline = Instant::now()
             + if self.tx_stalled {
@@ -282,8 +338,7 @@ impl AfPacketQueue {
             let now = Instant::now();
             if now >= deadline {
                 self.tx_stalled = true;
-                let n = self.drop_pending();
-                self.shared.counters.tx_stalled.fetch_add(n, Relaxed);
+                self.drop_pending(|c| &c.tx_stalled);
                 if done(self) {
                     return Ok(());
                 }
@@ -322,28 +377,41 @@ impl AfPacketQueue {
                 "cannot watch the new socket"
             );
         }
+        // Frames still pending in the old ring never reach the new interface.
+        self.drop_pending(|c| &c.tx_link_down);
         self.sock = sock;
         self.rx.reset();
         self.tx_head = 0;
+        self.tx_kernel = 0;
         self.tx_stalled = false;
         true
     }
 
     /// Handles what the private epoll set reports: a socket error (cleared; the watcher
     /// follows the link), the watcher's doorbell (a replacement socket), and now and then the
-    /// kernel's RX drop counter. Returns true when the socket was replaced.
+    /// kernel's RX drop counter. Returns true when the ring may hold frames the last look
+    /// missed: the socket was replaced, or reported readable.
+    ///
+    /// The readable report matters: taking it here empties the private set, so the worker's
+    /// epoll (which polls this set before reporting it) no longer sees the wake-up it queued.
+    /// A frame the kernel wrote just after the caller looked would otherwise wait for the next
+    /// wake-up, and if it filled the ring there is none: the kernel drops further frames
+    /// without waking anyone, and the queue would stall for good.
     fn poll_events(&mut self) -> bool {
         let mut events = [EpollEvent::default(); 4];
         let n = self.ep.wait(0, &mut events).unwrap_or(0);
-        let mut replaced = false;
+        let mut look_again = false;
         for ev in &events[..n] {
             match ev.data() {
-                TOKEN_SOCKET if ev.event_set().contains(EventSet::ERROR) => {
-                    let _ = self.sock.take_error();
+                TOKEN_SOCKET => {
+                    if ev.event_set().contains(EventSet::ERROR) {
+                        let _ = self.sock.take_error();
+                    }
+                    look_again |= ev.event_set().contains(EventSet::IN);
                 }
                 TOKEN_WAKE => {
                     let _ = self.wake.read();
-                    replaced |= self.take_replacement();
+                    look_again |= self.take_replacement();
                 }
                 _ => {}
             }
@@ -365,7 +433,7 @@ impl AfPacketQueue {
                 }
             }
         }
-        replaced
+        look_again
     }
 }
 
@@ -447,11 +515,13 @@ impl HostQueue for AfPacketQueue {
             self.shared.counters.tx_link_down.fetch_add(1, Relaxed);
             return Err(io::Error::from_raw_os_error(errno));
         }
-        let slot = self.tx_head;
-        if !self.tx_free(slot) {
-            self.wait_tx(|q| q.tx_free(slot))?;
+        // The slot at `tx_head` is in use when the ring is full of pending frames, or still
+        // being sent from (a NIC completes transmissions later).
+        let n = TX_RING.frame_nr();
+        if self.tx_pending() >= n || !self.tx_free(self.tx_head) {
+            self.wait_tx(|q| q.tx_pending() < n && q.tx_free(q.tx_head))?;
         }
-        let frame = self.sock.tx_frame(slot);
+        let frame = self.sock.tx_frame(self.tx_head);
         // SAFETY: the slot is free (the kernel does not touch it until we mark it), and holds
         // TX_DATA_OFFSET + VNET_HDR_LEN + `max` bytes; the iovecs are readable guest memory
         // disjoint from the ring.
@@ -463,14 +533,16 @@ impl HostQueue for AfPacketQueue {
             std::ptr::addr_of_mut!((*h).tp_len).write((VNET_HDR_LEN + frame_len) as u32);
             status(frame).store(libc::TP_STATUS_SEND_REQUEST, Release);
         }
-        self.tx_head = (slot + 1) % TX_RING.frame_nr();
-        self.wait_tx(|q| !q.tx_pending(slot))?;
-        // The kernel reports a refused frame with an error, which `kick` handles; should it
-        // ever mark one without, the slot must still not stay in the kernel's way.
-        if self.take_back_refused() {
-            self.shared.counters.tx_refused.fetch_add(1, Relaxed);
-            return Err(io::ErrorKind::InvalidInput.into());
-        }
+        // Handed to the kernel by the next `flush` (one system call per burst).
+        self.tx_head += 1;
         Ok(total)
+    }
+
+    fn flush(&mut self) -> TxDrops {
+        if self.tx_pending() > 0 {
+            // Errors are accounted for in `late` (frames dropped) and the port's counters.
+            let _ = self.wait_tx(|q| q.tx_pending() == 0);
+        }
+        std::mem::take(&mut self.late)
     }
 }

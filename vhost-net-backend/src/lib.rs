@@ -20,5 +20,5 @@ pub mod worker;
 pub use backend::{BackendError, NetBackend};
 pub use config::{MacAddr, NetConfig};
 pub use features::{GuestOffloads, HostCapabilities};
-pub use port::{HostPort, HostQueue};
+pub use port::{HostPort, HostQueue, TxDrops};
 pub use stats::{DropReason, QueueStats};

@@ -31,6 +31,43 @@ pub trait HostQueue: Send {
     /// Every entry of `iov` must describe memory that is valid for reads for its whole length
     /// for the duration of the call.
     unsafe fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
+
+    /// Hands every frame accepted by `send` since the last flush to the host, and reports those
+    /// it then had to drop. The worker calls it after each burst of `send`s, before it tells the
+    /// guest the burst is done, so a port may queue frames in `send` and pay one system call per
+    /// burst. Ports whose `send` transmits at once keep the default (nothing to do).
+    fn flush(&mut self) -> TxDrops {
+        TxDrops::default()
+    }
+}
+
+/// Frames a [`HostQueue`] accepted in `send` and dropped later, in `flush`, by cause.
+/// Bytes are Ethernet frame bytes, without the virtio-net header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxDrops {
+    /// Frames the host refused (the kernel found them malformed).
+    pub rejected: u64,
+    /// Bytes of the refused frames.
+    pub rejected_bytes: u64,
+    /// Frames lost to the host (interface down or gone, a transmit queue that stayed stuck).
+    pub failed: u64,
+    /// Bytes of the lost frames.
+    pub failed_bytes: u64,
+}
+
+impl TxDrops {
+    /// True when nothing was dropped.
+    pub fn is_empty(&self) -> bool {
+        self.rejected == 0 && self.failed == 0
+    }
+
+    /// Adds `other`'s drops to these.
+    pub fn add(&mut self, other: TxDrops) {
+        self.rejected += other.rejected;
+        self.rejected_bytes += other.rejected_bytes;
+        self.failed += other.failed;
+        self.failed_bytes += other.failed_bytes;
+    }
 }
 
 /// A host port: the set of queue endpoints plus the port-wide settings the guest controls.

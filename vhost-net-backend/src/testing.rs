@@ -15,7 +15,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::features::{GuestOffloads, HostCapabilities};
-use crate::port::{HostPort, HostQueue};
+use crate::port::{HostPort, HostQueue, TxDrops};
 
 /// Size of the anonymous guest memory of every test.
 pub const MEM_SIZE: usize = 16 << 20;
@@ -262,6 +262,10 @@ pub struct FakeQueueState {
     pub send_error: Option<io::ErrorKind>,
     /// Fails the next `recv` with this error kind.
     pub recv_error: Option<io::ErrorKind>,
+    /// Reported (once) by the next `flush`: frames `send` took and the host dropped later.
+    pub flush_drops: TxDrops,
+    /// Number of `flush` calls.
+    pub flushes: usize,
 }
 
 /// An in-memory host queue; clones share the same state.
@@ -345,6 +349,12 @@ impl HostQueue for FakeQueue {
         let n = frame.len();
         s.from_guest.push(frame);
         Ok(n)
+    }
+
+    fn flush(&mut self) -> TxDrops {
+        let mut s = self.state();
+        s.flushes += 1;
+        std::mem::take(&mut s.flush_drops)
     }
 }
 

@@ -221,6 +221,7 @@ impl QueuePairWorker {
                 if self.tx_batch.is_empty() {
                     break;
                 }
+                let mut ring_broken = false;
                 for i in 0..self.tx_batch.len() {
                     let (head, start, end, r) = self.tx_batch[i];
                     match r {
@@ -251,12 +252,29 @@ impl QueuePairWorker {
                         Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
                         Err(_) => {
                             self.tx_drop(DropReason::BadAddress);
-                            break 'ring;
+                            ring_broken = true;
+                            break;
                         }
                     }
                     pass.moved += 1;
                 }
+                // The burst's frames are in the host's hands (or queued there): one flush per
+                // burst; frames it still loses are moved from the sent to the dropped counters.
+                let late = self.port.flush();
+                if !late.is_empty() {
+                    frames = frames.saturating_sub(late.rejected + late.failed);
+                    bytes = bytes.saturating_sub(late.rejected_bytes + late.failed_bytes);
+                    for _ in 0..late.rejected {
+                        self.tx_drop(DropReason::HostRejected);
+                    }
+                    for _ in 0..late.failed {
+                        self.tx_drop(DropReason::HostError);
+                    }
+                }
                 self.tx_iov.clear();
+                if ring_broken {
+                    break 'ring;
+                }
                 if pass.moved >= BUDGET {
                     pass.more = true;
                     break 'ring;
@@ -393,6 +411,7 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
+    use crate::port::TxDrops;
     use crate::testing::*;
 
     const V1: u64 = bit(VIRTIO_F_VERSION_1);
@@ -651,6 +670,30 @@ mod tests {
         assert_eq!(p.stats.tx.drops_of(DropReason::HostRejected), 1);
         assert_eq!(p.stats.tx.drops_of(DropReason::HostError), 1);
         assert_eq!(p.stats.tx.frames.load(Relaxed), 1);
+        assert_eq!(p.tx.used_idx(), 3);
+    }
+
+    #[test]
+    fn tx_drops_reported_by_flush_move_from_sent_to_dropped() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        for seed in 1..=3 {
+            p.tx.add_tx(&frame(12, 100, seed), &[0]);
+        }
+        // The host took all three, then refused one and lost another.
+        p.host.state().flush_drops = TxDrops {
+            rejected: 1,
+            rejected_bytes: 88,
+            failed: 1,
+            failed_bytes: 88,
+        };
+        p.run(false);
+        assert_eq!(p.host.sent().len(), 3);
+        assert_eq!(p.host.state().flushes, 1, "one flush per burst");
+        assert_eq!(p.stats.tx.frames.load(Relaxed), 1);
+        assert_eq!(p.stats.tx.bytes.load(Relaxed), 88);
+        assert_eq!(p.stats.tx.drops_of(DropReason::HostRejected), 1);
+        assert_eq!(p.stats.tx.drops_of(DropReason::HostError), 1);
         assert_eq!(p.tx.used_idx(), 3);
     }
 
