@@ -1,12 +1,31 @@
 //! Prometheus text exposition of every port's counters, served over HTTP on `--metrics ADDR`
 //! (`HOST:PORT`, or `unix:PATH`).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::af_packet::{AfPacketSnapshot, LinkState};
 use crate::ports::{DirectionSnapshot, PortRegistry, PortStats};
+
+/// `v` escaped for use as a label value (backslash, double quote and newline).
+fn label(v: &str) -> Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Renders the counters in Prometheus text format 0.0.4.
 pub fn render(ports: &[PortStats]) -> String {
@@ -139,6 +158,43 @@ pub fn render(ports: &[PortStats]) -> String {
             }
         },
     );
+    // AF_PACKET ports only: no families at all when there is none.
+    let afp: Vec<(&str, &AfPacketSnapshot)> = ports
+        .iter()
+        .filter_map(|p| p.af_packet.as_ref().map(|a| (p.name.as_str(), a)))
+        .collect();
+    if let Some((_, first)) = afp.first() {
+        family(
+            "vhost_pump_af_packet_link_up",
+            "1 while the AF_PACKET port's interface is up, 0 while it is down or gone.",
+            "gauge",
+            &mut |o| {
+                for (port, a) in &afp {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_af_packet_link_up{{port=\"{}\",interface=\"{}\"}} {}",
+                        label(port),
+                        label(&a.interface),
+                        u8::from(a.link == LinkState::Up)
+                    );
+                }
+            },
+        );
+        for (i, (counter, help, _)) in first.counters().into_iter().enumerate() {
+            let name = format!("vhost_pump_af_packet_{counter}_total");
+            family(&name, help, "counter", &mut |o| {
+                for (port, a) in &afp {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{port=\"{}\",interface=\"{}\"}} {}",
+                        label(port),
+                        label(&a.interface),
+                        a.counters()[i].2
+                    );
+                }
+            });
+        }
+    }
     out
 }
 
@@ -274,8 +330,13 @@ mod tests {
                 idle_wakeups: 4,
                 rx_ring_full: 6,
             }],
+            af_packet: None,
         };
         let text = render(&[p]);
+        assert!(
+            !text.contains("af_packet"),
+            "tap port with AF_PACKET metrics:\n{text}"
+        );
         for want in [
             "# TYPE vhost_pump_frames_total counter",
             "vhost_pump_port_connected{port=\"vm0\"} 1",
@@ -286,6 +347,86 @@ mod tests {
             "vhost_pump_rx_ring_full_total{port=\"vm0\",queue=\"0\"} 6",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn renders_af_packet_link_and_counters_per_port() {
+        use crate::af_packet::{AfPacketSnapshot, LinkState};
+        let port = |name: &str, af_packet| PortStats {
+            name: name.into(),
+            socket: "/s".into(),
+            connected: false,
+            acked_features: 0,
+            queues: Vec::new(),
+            af_packet,
+        };
+        let snap = |interface: &str, link, base: u64| AfPacketSnapshot {
+            interface: interface.into(),
+            link,
+            rx_truncated: base + 1,
+            rx_gso_refused: base + 2,
+            rx_too_big: base + 3,
+            rx_malformed: base + 4,
+            rx_csum_completed: base + 5,
+            rx_ring_full: base + 6,
+            tx_refused: base + 7,
+            tx_link_down: base + 8,
+            tx_stalled: base + 9,
+            reattached: base + 10,
+        };
+        let text = render(&[
+            port("vm0", Some(snap("veth0", LinkState::Up, 0))),
+            port("tap0", None),
+            port("vm1", Some(snap("we\"ird", LinkState::Gone, 100))),
+        ]);
+        let afp: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.contains("vhost_pump_af_packet_"))
+            .collect();
+        let mut want = vec![
+            "# HELP vhost_pump_af_packet_link_up 1 while the AF_PACKET port's interface is up, 0 while it is down or gone.".to_string(),
+            "# TYPE vhost_pump_af_packet_link_up gauge".into(),
+            "vhost_pump_af_packet_link_up{port=\"vm0\",interface=\"veth0\"} 1".into(),
+            "vhost_pump_af_packet_link_up{port=\"vm1\",interface=\"we\\\"ird\"} 0".into(),
+        ];
+        for (i, name) in [
+            "rx_truncated",
+            "rx_gso_refused",
+            "rx_too_big",
+            "rx_malformed",
+            "rx_csum_completed",
+            "rx_ring_full",
+            "tx_refused",
+            "tx_link_down",
+            "tx_stalled",
+            "reattached",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let help = snap("x", LinkState::Up, 0).counters()[i].1;
+            let family = format!("vhost_pump_af_packet_{name}_total");
+            want.push(format!("# HELP {family} {help}"));
+            want.push(format!("# TYPE {family} counter"));
+            want.push(format!(
+                "{family}{{port=\"vm0\",interface=\"veth0\"}} {}",
+                i + 1
+            ));
+            want.push(format!(
+                "{family}{{port=\"vm1\",interface=\"we\\\"ird\"}} {}",
+                i + 101
+            ));
+        }
+        assert_eq!(afp, want, "in\n{text}");
+        // Spot checks written out in full.
+        for line in [
+            "# HELP vhost_pump_af_packet_rx_ring_full_total Frames the kernel dropped because the AF_PACKET RX ring was full.",
+            "# TYPE vhost_pump_af_packet_rx_ring_full_total counter",
+            "vhost_pump_af_packet_rx_ring_full_total{port=\"vm0\",interface=\"veth0\"} 6",
+            "vhost_pump_af_packet_reattached_total{port=\"vm1\",interface=\"we\\\"ird\"} 110",
+        ] {
+            assert!(afp.contains(&line), "missing {line:?} in\n{text}");
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use vhost_net_backend::{DropReason, HostPort, NetBackend, NetConfig};
 
-use crate::af_packet::AfPacketPort;
+use crate::af_packet::{AfPacketPort, AfPacketSnapshot, AfPacketStatus};
 use crate::config::{HostSpec, PortSpec, MAX_PORTS};
 use crate::server::{self, ServeControl};
 use crate::tap::TapPort;
@@ -66,6 +66,8 @@ pub enum PortError {
 pub struct RunningPort {
     spec: PortSpec,
     backend: Arc<NetBackend>,
+    /// The AF_PACKET port's link state and counters (none for a tap port).
+    af_packet: Option<AfPacketStatus>,
     ctl: Arc<ServeControl>,
     listener_fd: Option<RawFd>,
     thread: Option<JoinHandle<()>>,
@@ -83,7 +85,7 @@ impl RunningPort {
         if !spec.client {
             server::check_free(&spec.socket)?;
         }
-        let backend = Self::build_device(&spec)?;
+        let (backend, af_packet) = Self::build_device(&spec)?;
         let listener = if spec.client {
             None
         } else {
@@ -130,24 +132,28 @@ impl RunningPort {
         Ok(RunningPort {
             spec,
             backend,
+            af_packet,
             ctl,
             listener_fd,
             thread: Some(thread),
         })
     }
 
-    fn build_device(spec: &PortSpec) -> Result<Arc<NetBackend>, PortError> {
+    /// The device, and for an AF_PACKET port a handle on its link state and counters.
+    fn build_device(
+        spec: &PortSpec,
+    ) -> Result<(Arc<NetBackend>, Option<AfPacketStatus>), PortError> {
         let queues = usize::from(spec.queues);
-        let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
+        let (port, mtu, status): (Arc<dyn HostPort>, u16, _) = match &spec.host {
             HostSpec::Tap(name) => {
                 let tap = TapPort::open(name, queues, spec.mtu)?;
                 let mtu = tap.mtu();
-                (Arc::new(tap), mtu)
+                (Arc::new(tap), mtu, None)
             }
             HostSpec::AfPacket(ifname) => {
                 let p = AfPacketPort::open(ifname, queues, spec.mtu)?;
-                let mtu = p.mtu();
-                (Arc::new(p), mtu)
+                let (mtu, status) = (p.mtu(), p.status());
+                (Arc::new(p), mtu, Some(status))
             }
         };
         let config = NetConfig {
@@ -157,7 +163,7 @@ impl RunningPort {
             max_queue_size: spec.queue_size,
         };
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
-        Ok(Arc::new(NetBackend::new(config, port, busy)?))
+        Ok((Arc::new(NetBackend::new(config, port, busy)?), status))
     }
 
     /// The port's specification.
@@ -203,6 +209,7 @@ impl RunningPort {
                     rx_ring_full: q.rx_ring_full.load(Relaxed),
                 })
                 .collect(),
+            af_packet: self.af_packet.as_ref().map(AfPacketStatus::snapshot),
         }
     }
 }
@@ -269,6 +276,9 @@ pub struct PortStats {
     pub acked_features: u64,
     /// Per queue pair.
     pub queues: Vec<QueuePairStats>,
+    /// AF_PACKET ports only: the interface, its link state and the port's own counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub af_packet: Option<AfPacketSnapshot>,
 }
 
 /// All ports of the daemon.
@@ -439,4 +449,87 @@ fn apply_socket_permissions(spec: &PortSpec) -> Result<(), PortError> {
 pub fn is_socket(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::af_packet::LinkState;
+
+    fn port_stats(af_packet: Option<AfPacketSnapshot>) -> PortStats {
+        PortStats {
+            name: "vm0".into(),
+            socket: "/s".into(),
+            connected: false,
+            acked_features: 0,
+            queues: Vec::new(),
+            af_packet,
+        }
+    }
+
+    #[test]
+    fn tap_stats_have_no_af_packet_key_and_af_packet_stats_have_every_field() {
+        let tap = serde_json::to_value(port_stats(None)).unwrap();
+        assert_eq!(
+            tap,
+            serde_json::json!({
+                "name": "vm0",
+                "socket": "/s",
+                "connected": false,
+                "acked_features": 0,
+                "queues": [],
+            })
+        );
+
+        let snap = AfPacketSnapshot {
+            interface: "veth0".into(),
+            link: LinkState::Down,
+            rx_truncated: 1,
+            rx_gso_refused: 2,
+            rx_too_big: 3,
+            rx_malformed: 4,
+            rx_csum_completed: 5,
+            rx_ring_full: 6,
+            tx_refused: 7,
+            tx_link_down: 8,
+            tx_stalled: 9,
+            reattached: 10,
+        };
+        let afp = port_stats(Some(snap.clone()));
+        let v = serde_json::to_value(&afp).unwrap();
+        assert_eq!(
+            v["af_packet"],
+            serde_json::json!({
+                "interface": "veth0",
+                "link": "down",
+                "rx_truncated": 1,
+                "rx_gso_refused": 2,
+                "rx_too_big": 3,
+                "rx_malformed": 4,
+                "rx_csum_completed": 5,
+                "rx_ring_full": 6,
+                "tx_refused": 7,
+                "tx_link_down": 8,
+                "tx_stalled": 9,
+                "reattached": 10,
+            })
+        );
+        // Every counter `counters()` names is a field of the JSON object, with its value.
+        for (name, _, value) in snap.counters() {
+            assert_eq!(v["af_packet"][name], value, "{name}");
+        }
+        // `ctl` parses what the daemon sends, with or without the object.
+        let back: PortStats = serde_json::from_value(v).unwrap();
+        assert_eq!(back, afp);
+        let back: PortStats = serde_json::from_value(tap).unwrap();
+        assert_eq!(back, port_stats(None));
+        for (state, name) in [
+            (LinkState::Up, "up"),
+            (LinkState::Down, "down"),
+            (LinkState::Gone, "gone"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.as_str(), name);
+        }
+    }
 }

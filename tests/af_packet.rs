@@ -5,7 +5,9 @@
 //! metadata, drops, fan-out and link changes against the kernel on the other end. QEMU tests
 //! boot the test guest on the daemon: a veth whose peer sits in another namespace with an IP
 //! (ping, iperf3 both ways with TSO, GSO-sized frames on the veth), a macvlan with the guest's
-//! MAC, two queue pairs with fan-out, and the interface going down, up, away and back.
+//! MAC, two queue pairs with fan-out, and the interface going down, up, away and back. One
+//! daemon test without a guest follows the link state and counters through `ctl stats` and the
+//! metrics endpoint.
 //!
 //! Need root (and QEMU for the guest tests): skipped with a reason otherwise, failed under
 //! `CI=true`. The guest tests take a lock so only one TCG guest runs at a time.
@@ -1378,6 +1380,155 @@ fn qemu_interface_down_up_gone_and_back() {
     ] {
         assert!(log.contains(line), "log lacks {line:?}:\n{log}");
     }
+}
+
+/// The counters `ctl stats` reports in a port's `af_packet` object.
+const AF_PACKET_COUNTERS: [&str; 10] = [
+    "rx_truncated",
+    "rx_gso_refused",
+    "rx_too_big",
+    "rx_malformed",
+    "rx_csum_completed",
+    "rx_ring_full",
+    "tx_refused",
+    "tx_link_down",
+    "tx_stalled",
+    "reattached",
+];
+
+/// `vhost-pump ctl stats main`: the port's `af_packet` object.
+fn ctl_af_packet(control: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-pump"))
+        .args([
+            "ctl",
+            "--control",
+            control.to_str().unwrap(),
+            "stats",
+            "main",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["af_packet"].clone()
+}
+
+/// Polls `ctl stats` until the port reports `link` (for up to 5 s); the last object.
+fn wait_link(control: &Path, link: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let ok = netns::wait_until(Duration::from_secs(5), || {
+        last = ctl_af_packet(control);
+        last["link"] == link
+    });
+    assert!(ok, "link never became {link:?}: {last:#}");
+    last
+}
+
+/// `GET /metrics` over the daemon's unix metrics socket: the body.
+fn metrics_text(path: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[test]
+fn daemon_reports_af_packet_link_and_counters_in_ctl_stats_and_metrics() {
+    let test = "daemon_reports_af_packet_link_and_counters_in_ctl_stats_and_metrics";
+    if skip_vmless(test) {
+        return;
+    }
+    let dir = workdir("afp-stats");
+    let (socket, control, metrics) = (
+        dir.join("vu.sock"),
+        dir.join("ctl.sock"),
+        dir.join("metrics.sock"),
+    );
+    let d = Netns::create("st");
+    d.exec(&["ip", "link", "add", A, "type", "veth", "peer", "name", B]);
+    d.exec(&["ip", "link", "set", B, "up"]);
+    let metrics_arg = format!("unix:{}", metrics.display());
+    let daemon = Daemon::start(
+        &d,
+        &socket,
+        &dir.join("daemon.log"),
+        A,
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--metrics",
+            &metrics_arg,
+        ],
+    );
+    let ready = netns::wait_until(Duration::from_secs(5), || {
+        control.exists() && metrics.exists()
+    });
+    assert!(
+        ready,
+        "no control or metrics socket:\n{}",
+        daemon.log_text()
+    );
+
+    // Up (the port brought the interface up), every counter present and zero.
+    let a = wait_link(&control, "up");
+    assert_eq!(a["interface"], A, "{a:#}");
+    for c in AF_PACKET_COUNTERS {
+        assert_eq!(a[c].as_u64(), Some(0), "{c} in {a:#}");
+    }
+    assert_eq!(
+        a.as_object().unwrap().len(),
+        2 + AF_PACKET_COUNTERS.len(),
+        "{a:#}"
+    );
+    let labels = format!("{{port=\"main\",interface=\"{A}\"}}");
+    let text = metrics_text(&metrics);
+    assert!(
+        text.contains(&format!("vhost_pump_af_packet_link_up{labels} 1")),
+        "{text}"
+    );
+    for c in AF_PACKET_COUNTERS {
+        let family = format!("vhost_pump_af_packet_{c}_total");
+        assert!(
+            text.contains(&format!("# TYPE {family} counter\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{family}{labels} 0\n")), "{text}");
+    }
+
+    // Down, then up again.
+    d.exec(&["ip", "link", "set", A, "down"]);
+    wait_link(&control, "down");
+    let text = metrics_text(&metrics);
+    assert!(
+        text.contains(&format!("vhost_pump_af_packet_link_up{labels} 0")),
+        "{text}"
+    );
+    d.exec(&["ip", "link", "set", A, "up"]);
+    wait_link(&control, "up");
+
+    // Gone, then re-created: the port re-attaches and counts it.
+    d.exec(&["ip", "link", "del", A]);
+    wait_link(&control, "gone");
+    d.exec(&["ip", "link", "add", A, "type", "veth", "peer", "name", B]);
+    d.exec(&["ip", "link", "set", B, "up"]);
+    d.exec(&["ip", "link", "set", A, "up"]);
+    let a = wait_link(&control, "up");
+    assert_eq!(a["reattached"], 1, "{a:#}");
+    let text = metrics_text(&metrics);
+    assert!(
+        text.contains(&format!(
+            "vhost_pump_af_packet_reattached_total{labels} 1\n"
+        )),
+        "{text}"
+    );
 }
 
 /// One iperf3 round through the guest: (guest->peer, peer->guest) Mbit/s and the daemon's CPU

@@ -455,6 +455,168 @@ impl HostPort for AfPacketPort {
     }
 }
 
+/// An interface's link state as operators see it (`ctl stats`, metrics): `"up"`, `"down"`
+/// (administratively, `IFF_UP` clear) or `"gone"` (deleted or moved to another namespace).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    /// The interface is up.
+    Up,
+    /// The interface exists but is administratively down.
+    Down,
+    /// The interface no longer exists in the port's network namespace.
+    Gone,
+}
+
+impl LinkState {
+    /// The state's name: `up`, `down` or `gone`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::Gone => "gone",
+        }
+    }
+}
+
+/// A point-in-time copy of an AF_PACKET port's interface, link state and
+/// [`AfPacketCounters`], as plain numbers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AfPacketSnapshot {
+    /// Interface name.
+    pub interface: String,
+    /// Link state.
+    pub link: LinkState,
+    /// See [`AfPacketCounters::rx_truncated`].
+    pub rx_truncated: u64,
+    /// See [`AfPacketCounters::rx_gso_refused`].
+    pub rx_gso_refused: u64,
+    /// See [`AfPacketCounters::rx_too_big`].
+    pub rx_too_big: u64,
+    /// See [`AfPacketCounters::rx_malformed`].
+    pub rx_malformed: u64,
+    /// See [`AfPacketCounters::rx_csum_completed`].
+    pub rx_csum_completed: u64,
+    /// See [`AfPacketCounters::rx_ring_full`].
+    pub rx_ring_full: u64,
+    /// See [`AfPacketCounters::tx_refused`].
+    pub tx_refused: u64,
+    /// See [`AfPacketCounters::tx_link_down`].
+    pub tx_link_down: u64,
+    /// See [`AfPacketCounters::tx_stalled`].
+    pub tx_stalled: u64,
+    /// See [`AfPacketCounters::reattached`].
+    pub reattached: u64,
+}
+
+impl AfPacketSnapshot {
+    /// Every counter as `(name, description, value)`, in a fixed order.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 10] {
+        [
+            (
+                "rx_truncated",
+                "Frames the kernel truncated to the ring slot size (dropped).",
+                self.rx_truncated,
+            ),
+            (
+                "rx_gso_refused",
+                "GSO frames of a kind the guest did not negotiate (dropped).",
+                self.rx_gso_refused,
+            ),
+            (
+                "rx_too_big",
+                "Frames larger than the guest's buffers (dropped).",
+                self.rx_too_big,
+            ),
+            (
+                "rx_malformed",
+                "Frames with inconsistent ring or checksum metadata (dropped).",
+                self.rx_malformed,
+            ),
+            (
+                "rx_csum_completed",
+                "Partial checksums completed in software for a guest without GUEST_CSUM.",
+                self.rx_csum_completed,
+            ),
+            (
+                "rx_ring_full",
+                "Frames the kernel dropped because the AF_PACKET RX ring was full.",
+                self.rx_ring_full,
+            ),
+            (
+                "tx_refused",
+                "Guest frames refused before transmission (bad GSO header, oversize).",
+                self.tx_refused,
+            ),
+            (
+                "tx_link_down",
+                "Guest frames dropped because the interface was down or gone.",
+                self.tx_link_down,
+            ),
+            (
+                "tx_stalled",
+                "Guest frames dropped after waiting for the kernel to take them.",
+                self.tx_stalled,
+            ),
+            (
+                "reattached",
+                "Times a queue rebuilt its socket on a re-created interface.",
+                self.reattached,
+            ),
+        ]
+    }
+}
+
+/// A cloneable handle on an AF_PACKET port's link state and counters, for reading them
+/// while the port itself belongs to the device (it keeps the port's shared state alive).
+#[derive(Clone)]
+pub struct AfPacketStatus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AfPacketStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AfPacketStatus")
+            .field("interface", &self.shared.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AfPacketStatus {
+    /// The current link state and counters.
+    pub fn snapshot(&self) -> AfPacketSnapshot {
+        let c = &self.shared.counters;
+        AfPacketSnapshot {
+            interface: self.shared.name().to_string(),
+            link: match self.shared.link() {
+                Link::Up => LinkState::Up,
+                Link::Down => LinkState::Down,
+                Link::Gone => LinkState::Gone,
+            },
+            rx_truncated: c.rx_truncated.load(Relaxed),
+            rx_gso_refused: c.rx_gso_refused.load(Relaxed),
+            rx_too_big: c.rx_too_big.load(Relaxed),
+            rx_malformed: c.rx_malformed.load(Relaxed),
+            rx_csum_completed: c.rx_csum_completed.load(Relaxed),
+            rx_ring_full: c.rx_ring_full.load(Relaxed),
+            tx_refused: c.tx_refused.load(Relaxed),
+            tx_link_down: c.tx_link_down.load(Relaxed),
+            tx_stalled: c.tx_stalled.load(Relaxed),
+            reattached: c.reattached.load(Relaxed),
+        }
+    }
+}
+
+impl AfPacketPort {
+    /// A handle that reads the port's link state and counters after the port has been handed
+    /// to the device.
+    pub fn status(&self) -> AfPacketStatus {
+        AfPacketStatus {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
