@@ -373,7 +373,8 @@ mod tests {
             tx_refused: base + 7,
             tx_link_down: base + 8,
             tx_stalled: base + 9,
-            reattached: base + 10,
+            tx_failed: base + 10,
+            reattached: base + 11,
         };
         let text = render(&[
             port("vm0", Some(snap("veth0", LinkState::Up, 0))),
@@ -400,6 +401,7 @@ mod tests {
             "tx_refused",
             "tx_link_down",
             "tx_stalled",
+            "tx_failed",
             "reattached",
         ]
         .into_iter()
@@ -424,7 +426,7 @@ mod tests {
             "# HELP vhost_pump_af_packet_rx_ring_full_total Frames the kernel dropped because the AF_PACKET RX ring was full.",
             "# TYPE vhost_pump_af_packet_rx_ring_full_total counter",
             "vhost_pump_af_packet_rx_ring_full_total{port=\"vm0\",interface=\"veth0\"} 6",
-            "vhost_pump_af_packet_reattached_total{port=\"vm1\",interface=\"we\\\"ird\"} 110",
+            "vhost_pump_af_packet_reattached_total{port=\"vm1\",interface=\"we\\\"ird\"} 111",
         ] {
             assert!(afp.contains(&line), "missing {line:?} in\n{text}");
         }

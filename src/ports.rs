@@ -493,6 +493,7 @@ mod tests {
             tx_refused: 7,
             tx_link_down: 8,
             tx_stalled: 9,
+            tx_failed: 11,
             reattached: 10,
         };
         let afp = port_stats(Some(snap.clone()));
@@ -511,6 +512,7 @@ mod tests {
                 "tx_refused": 7,
                 "tx_link_down": 8,
                 "tx_stalled": 9,
+                "tx_failed": 11,
                 "reattached": 10,
             })
         );

@@ -1383,7 +1383,7 @@ fn qemu_interface_down_up_gone_and_back() {
 }
 
 /// The counters `ctl stats` reports in a port's `af_packet` object.
-const AF_PACKET_COUNTERS: [&str; 10] = [
+const AF_PACKET_COUNTERS: [&str; 11] = [
     "rx_truncated",
     "rx_gso_refused",
     "rx_too_big",
@@ -1393,6 +1393,7 @@ const AF_PACKET_COUNTERS: [&str; 10] = [
     "tx_refused",
     "tx_link_down",
     "tx_stalled",
+    "tx_failed",
     "reattached",
 ];
 

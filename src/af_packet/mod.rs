@@ -505,13 +505,15 @@ pub struct AfPacketSnapshot {
     pub tx_link_down: u64,
     /// See [`AfPacketCounters::tx_stalled`].
     pub tx_stalled: u64,
+    /// See [`AfPacketCounters::tx_failed`].
+    pub tx_failed: u64,
     /// See [`AfPacketCounters::reattached`].
     pub reattached: u64,
 }
 
 impl AfPacketSnapshot {
     /// Every counter as `(name, description, value)`, in a fixed order.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 10] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 11] {
         [
             (
                 "rx_truncated",
@@ -559,6 +561,11 @@ impl AfPacketSnapshot {
                 self.tx_stalled,
             ),
             (
+                "tx_failed",
+                "Guest frames dropped because the kernel failed their transmission otherwise.",
+                self.tx_failed,
+            ),
+            (
                 "reattached",
                 "Times a queue rebuilt its socket on a re-created interface.",
                 self.reattached,
@@ -602,6 +609,7 @@ impl AfPacketStatus {
             tx_refused: c.tx_refused.load(Relaxed),
             tx_link_down: c.tx_link_down.load(Relaxed),
             tx_stalled: c.tx_stalled.load(Relaxed),
+            tx_failed: c.tx_failed.load(Relaxed),
             reattached: c.reattached.load(Relaxed),
         }
     }
