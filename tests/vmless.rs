@@ -1,10 +1,13 @@
 //! VM-less end-to-end tests: DPDK's virtio-user (`dpdk-testpmd`) is the vhost-user frontend, the
-//! daemon moves frames between its rings and a tap, and the test counts frames on both ends.
+//! daemon moves frames between its rings and its host port, and the test counts frames on both
+//! ends. The host port is a tap, or AF_PACKET on one end of a veth pair (`--af-packet`), watched
+//! from the other end.
 //!
-//! - guest TX: testpmd `txonly` → daemon → tap; the tap's `rx_packets` must match testpmd's
-//!   TX-packets (minus at most one ring of frames in flight when testpmd stops).
-//! - guest RX: frames sent out of the tap with an AF_PACKET socket → daemon → testpmd `rxonly`;
-//!   testpmd must receive every one of them.
+//! - guest TX: testpmd `txonly` → daemon → tap (or veth); the tap's (the far veth end's)
+//!   `rx_packets` must match testpmd's TX-packets (minus at most one ring of frames in flight
+//!   when testpmd stops).
+//! - guest RX: frames sent out of the tap (into the far veth end) with an AF_PACKET socket →
+//!   daemon → testpmd `rxonly`; testpmd must receive every one of them.
 //!
 //! Each test runs the daemon and testpmd in a private network namespace; the tests take turns
 //! (testpmd busy-polls a core). Needs root, /dev/net/tun and `dpdk-testpmd` (Debian `dpdk`):
@@ -27,6 +30,12 @@ use common::netns::{
 };
 
 const TAP: &str = "vpvl0";
+/// The veth pair of the AF_PACKET tests: the daemon attaches to the first, the test watches the
+/// second.
+const VETH: (&str, &str) = ("vpvla", "vpvlb");
+/// Pace of the frames injected towards an AF_PACKET port: its RX ring (255 slots) absorbs a
+/// worker delay of 25 ms at this rate, where a tap's frames are paced on what the daemon read.
+const AF_PACKET_RX_PPS: u64 = 10_000;
 const MAC: [u8; 6] = [0x02, 0x56, 0x50, 0x00, 0x01, 0x01];
 const MAC_STR: &str = "02:56:50:00:01:01";
 const PEER_MAC: [u8; 6] = [0x02, 0x56, 0x50, 0x00, 0x01, 0xfe];
@@ -216,9 +225,28 @@ fn per_second(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// Runs `f` in a private namespace with a daemon (`queues` pairs) listening on a fresh socket,
-/// one test at a time.
-fn with_daemon(test: &str, queues: u16, f: impl FnOnce(&TempDir, &mut Daemon) + Send) {
+/// The daemon's host port, and the interface where the test sees the other side of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Host {
+    /// A tap the daemon creates; the test sends out of it and counts what the daemon wrote.
+    Tap,
+    /// AF_PACKET on `VETH.0`; the test sends into and counts at `VETH.1`.
+    AfPacket,
+}
+
+impl Host {
+    /// The interface the test watches and injects on.
+    fn far_end(self) -> &'static str {
+        match self {
+            Host::Tap => TAP,
+            Host::AfPacket => VETH.1,
+        }
+    }
+}
+
+/// Runs `f` in a private namespace with a daemon (`queues` pairs, host port `host`) listening
+/// on a fresh socket, one test at a time.
+fn with_daemon(test: &str, host: Host, queues: u16, f: impl FnOnce(&TempDir, &mut Daemon) + Send) {
     if !can_run(test) {
         return;
     }
@@ -226,9 +254,21 @@ fn with_daemon(test: &str, queues: u16, f: impl FnOnce(&TempDir, &mut Daemon) + 
     in_new_netns(|| {
         let dir = TempDir::new("vmless");
         let q = queues.to_string();
-        let mut d = Daemon::start(
+        let port = match host {
+            Host::Tap => ("--tap", TAP),
+            Host::AfPacket => {
+                netns::ip(&[
+                    "link", "add", VETH.0, "type", "veth", "peer", "name", VETH.1,
+                ]);
+                for end in [VETH.0, VETH.1] {
+                    netns::ip(&["link", "set", end, "up"]);
+                }
+                ("--af-packet", VETH.0)
+            }
+        };
+        let mut d = Daemon::start_on(
             &dir.join("vu.sock"),
-            TAP,
+            port,
             &["--queues", &q, "--mac", MAC_STR],
             &dir.join("daemon.log"),
         );
@@ -237,27 +277,29 @@ fn with_daemon(test: &str, queues: u16, f: impl FnOnce(&TempDir, &mut Daemon) + 
     });
 }
 
-/// Guest TX: testpmd sends `frame_len`-byte frames on `queues` queues for `time`; the tap
-/// must have received them.
+/// Guest TX: testpmd sends `frame_len`-byte frames on `queues` queues for `time`; the tap (the
+/// far veth end) must have received them.
 fn tx_round(
     test: &str,
     dir: &TempDir,
     d: &mut Daemon,
+    host: Host,
     queues: u16,
     frame_len: u64,
     time: Duration,
 ) {
     let sock = d.socket.clone().unwrap();
-    let base = if_stats(TAP).unwrap();
+    let far = host.far_end();
+    let base = if_stats(far).unwrap();
     let txpkts = format!("--txpkts={frame_len}");
     let mut tp = Testpmd::start(dir, &sock, queues, &["--forward-mode=txonly", &txpkts]);
     tp.wait_forwarding(Duration::from_secs(20));
 
-    let (t0, s0, c0) = (Instant::now(), if_stats(TAP).unwrap(), d.cpu_time());
+    let (t0, s0, c0) = (Instant::now(), if_stats(far).unwrap(), d.cpu_time());
     std::thread::sleep(time);
-    let (t1, s1, c1) = (Instant::now(), if_stats(TAP).unwrap(), d.cpu_time());
+    let (t1, s1, c1) = (Instant::now(), if_stats(far).unwrap(), d.cpu_time());
     let st = tp.stop();
-    let total = settled_if_stats(TAP, Duration::from_millis(300), Duration::from_secs(5))
+    let total = settled_if_stats(far, Duration::from_millis(300), Duration::from_secs(5))
         .unwrap()
         .since(&base);
     d.assert_alive();
@@ -265,7 +307,7 @@ fn tx_round(
     let window = t1 - t0;
     let pps = per_second(s1.rx_packets - s0.rx_packets, window);
     eprintln!(
-        "{test}: testpmd TX-packets {} (streams {:?}); tap rx_packets {} rx_bytes {}; \
+        "{test}: testpmd TX-packets {} (streams {:?}); {far} rx_packets {} rx_bytes {}; \
              steady rate {:.0} kpps = {:.2} Gbit/s, daemon CPU {:.0}% (debug={})",
         st.tx,
         st.streams,
@@ -279,12 +321,12 @@ fn tx_round(
     assert!(st.tx >= 1000, "testpmd sent only {} frames", st.tx);
     assert!(
         total.rx_packets > 0,
-        "no frame reached the tap: {total:?}\n{}",
+        "no frame reached {far}: {total:?}\n{}",
         d.log_text()
     );
     assert!(
         total.rx_packets <= st.tx,
-        "the tap got {} frames, more than the {} testpmd sent",
+        "{far} got {} frames, more than the {} testpmd sent",
         total.rx_packets,
         st.tx
     );
@@ -292,8 +334,8 @@ fn tx_round(
     let expected = st.tx.saturating_sub(in_flight) * 9 / 10;
     assert!(
         total.rx_packets >= expected,
-        "the tap got {} of {} frames (want >= {expected}: 90% of those not in flight); \
-             tap rx_dropped {}",
+        "{far} got {} of {} frames (want >= {expected}: 90% of those not in flight); \
+             rx_dropped {}",
         total.rx_packets,
         st.tx,
         total.rx_dropped
@@ -301,7 +343,7 @@ fn tx_round(
     assert_eq!(
         total.rx_bytes,
         total.rx_packets * frame_len,
-        "every frame on the tap is exactly {frame_len} bytes"
+        "every frame on {far} is exactly {frame_len} bytes"
     );
     if queues > 1 {
         assert_eq!(st.streams.len(), usize::from(queues), "{st:?}");
@@ -311,9 +353,9 @@ fn tx_round(
     }
 }
 
-/// Guest RX: `n` frames sent out of the tap (spread over 64 UDP flows, so over the tap's
-/// queues) must all reach testpmd.
-fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
+/// Guest RX: `n` frames sent out of the tap, or into the far veth end (spread over 64 UDP flows,
+/// so over the port's queues) must all reach testpmd.
+fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, host: Host, queues: u16, n: u64) {
     let sock = d.socket.clone().unwrap();
     let mut tp = Testpmd::start(dir, &sock, queues, &["--forward-mode=rxonly"]);
     tp.wait_forwarding(Duration::from_secs(20));
@@ -329,13 +371,30 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
             )
         })
         .collect();
-    let sender = PacketSocket::sender(TAP).expect("AF_PACKET socket on the tap");
-    let base = if_stats(TAP).unwrap();
+    let far = host.far_end();
+    let sender = PacketSocket::sender(far).expect("AF_PACKET socket on the far end");
+    let base = if_stats(far).unwrap();
     let (t0, c0) = (Instant::now(), d.cpu_time());
     let deadline = t0 + Duration::from_secs(15);
     let mut sent = 0u64;
     let mut max_in_flight = 0u64;
     while sent < n {
+        if host == Host::AfPacket {
+            // What the daemon has read is not visible on the veth: a fixed pace.
+            let due = (t0.elapsed().as_secs_f64() * AF_PACKET_RX_PPS as f64) as u64;
+            if sent >= due {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let burst = 32.min(n - sent);
+            for _ in 0..burst {
+                sender
+                    .send(&frames[(sent % 64) as usize])
+                    .expect("send into the veth");
+                sent += 1;
+            }
+            continue;
+        }
         // Pace on what the daemon has read (tx_packets) or the tap dropped (tx_dropped).
         let now = if_stats(TAP).unwrap().since(&base);
         let in_flight = sent.saturating_sub(now.tx_packets + now.tx_dropped);
@@ -356,11 +415,11 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
         }
     }
     let read_all = wait_until(Duration::from_secs(5), || {
-        let s = if_stats(TAP).unwrap().since(&base);
+        let s = if_stats(far).unwrap().since(&base);
         s.tx_packets + s.tx_dropped >= n
     });
     let (t1, c1) = (Instant::now(), d.cpu_time());
-    let tap: IfStats = if_stats(TAP).unwrap().since(&base);
+    let tap: IfStats = if_stats(far).unwrap().since(&base);
     // testpmd polls all the time; give it a moment for the last frames.
     std::thread::sleep(Duration::from_millis(300));
     let st = tp.stop();
@@ -368,7 +427,7 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
 
     let window = t1 - t0;
     eprintln!(
-        "{test}: injected {sent}; tap tx_packets {} tx_dropped {} (max in flight \
+        "{test}: injected {sent}; {far} tx_packets {} tx_dropped {} (max in flight \
              {max_in_flight}); testpmd RX-packets {} (streams {:?}); {:.0} kpps, daemon CPU \
              {:.0}% (debug={})",
         tap.tx_packets,
@@ -379,10 +438,7 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
         100.0 * (c1 - c0).as_secs_f64() / window.as_secs_f64(),
         cfg!(debug_assertions),
     );
-    assert!(
-        read_all,
-        "the daemon did not read all frames from the tap: {tap:?}"
-    );
+    assert!(read_all, "not all frames left {far}: {tap:?}");
     assert_eq!(
         tap.tx_dropped, 0,
         "the tap dropped frames although the sender kept at most {RX_MAX_IN_FLIGHT} \
@@ -390,8 +446,9 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
     );
     assert!(
         st.rx >= n,
-        "testpmd received {} of {n} frames sent into the tap ({tap:?})",
-        st.rx
+        "testpmd received {} of {n} frames sent out of {far} ({tap:?})\n{}",
+        st.rx,
+        d.log_text()
     );
     // Nothing else transmits on the tap (IPv6 is off in the namespace).
     assert!(
@@ -414,31 +471,41 @@ fn rx_round(test: &str, dir: &TempDir, d: &mut Daemon, queues: u16, n: u64) {
 #[test]
 fn guest_tx_64_byte_frames_reach_the_tap() {
     let t = "guest_tx_64_byte_frames_reach_the_tap";
-    with_daemon(t, 1, |dir, d| tx_round(t, dir, d, 1, 64, FORWARD_TIME));
+    with_daemon(t, Host::Tap, 1, |dir, d| {
+        tx_round(t, dir, d, Host::Tap, 1, 64, FORWARD_TIME)
+    });
 }
 
 #[test]
 fn guest_tx_1500_byte_frames_reach_the_tap() {
     let t = "guest_tx_1500_byte_frames_reach_the_tap";
-    with_daemon(t, 1, |dir, d| tx_round(t, dir, d, 1, 1500, FORWARD_TIME));
+    with_daemon(t, Host::Tap, 1, |dir, d| {
+        tx_round(t, dir, d, Host::Tap, 1, 1500, FORWARD_TIME)
+    });
 }
 
 #[test]
 fn guest_rx_frames_from_the_tap_reach_testpmd() {
     let t = "guest_rx_frames_from_the_tap_reach_testpmd";
-    with_daemon(t, 1, |dir, d| rx_round(t, dir, d, 1, RX_FRAMES));
+    with_daemon(t, Host::Tap, 1, |dir, d| {
+        rx_round(t, dir, d, Host::Tap, 1, RX_FRAMES)
+    });
 }
 
 #[test]
 fn two_queue_pairs_guest_tx_on_both_queues() {
     let t = "two_queue_pairs_guest_tx_on_both_queues";
-    with_daemon(t, 2, |dir, d| tx_round(t, dir, d, 2, 64, FORWARD_TIME));
+    with_daemon(t, Host::Tap, 2, |dir, d| {
+        tx_round(t, dir, d, Host::Tap, 2, 64, FORWARD_TIME)
+    });
 }
 
 #[test]
 fn two_queue_pairs_guest_rx_on_both_queues() {
     let t = "two_queue_pairs_guest_rx_on_both_queues";
-    with_daemon(t, 2, |dir, d| rx_round(t, dir, d, 2, RX_FRAMES));
+    with_daemon(t, Host::Tap, 2, |dir, d| {
+        rx_round(t, dir, d, Host::Tap, 2, RX_FRAMES)
+    });
 }
 
 #[test]
@@ -446,12 +513,72 @@ fn testpmd_sessions_repeat_on_one_daemon() {
     // One daemon, three frontend lifetimes (a VM restarting): each new testpmd must get a
     // working device whatever the previous one left behind (held RX buffers, ring state).
     let t = "testpmd_sessions_repeat_on_one_daemon";
-    with_daemon(t, 2, |dir, d| {
+    with_daemon(t, Host::Tap, 2, |dir, d| {
         let short = Duration::from_millis(1500);
-        tx_round(&format!("{t} (1: tx)"), dir, d, 2, 64, short);
-        rx_round(&format!("{t} (2: rx)"), dir, d, 2, 5000);
-        tx_round(&format!("{t} (3: tx)"), dir, d, 2, 1500, short);
-        rx_round(&format!("{t} (4: rx)"), dir, d, 2, 5000);
+        tx_round(&format!("{t} (1: tx)"), dir, d, Host::Tap, 2, 64, short);
+        rx_round(&format!("{t} (2: rx)"), dir, d, Host::Tap, 2, 5000);
+        tx_round(&format!("{t} (3: tx)"), dir, d, Host::Tap, 2, 1500, short);
+        rx_round(&format!("{t} (4: rx)"), dir, d, Host::Tap, 2, 5000);
+    });
+}
+
+/// Frames injected in the AF_PACKET RX tests (one second at the fixed pace).
+const AF_PACKET_RX_FRAMES: u64 = AF_PACKET_RX_PPS;
+
+#[test]
+fn af_packet_guest_tx_64_and_1500_byte_frames_reach_the_far_veth_end() {
+    let t = "af_packet_guest_tx_64_and_1500_byte_frames_reach_the_far_veth_end";
+    with_daemon(t, Host::AfPacket, 1, |dir, d| {
+        tx_round(
+            &format!("{t} (64)"),
+            dir,
+            d,
+            Host::AfPacket,
+            1,
+            64,
+            FORWARD_TIME,
+        );
+        tx_round(
+            &format!("{t} (1500)"),
+            dir,
+            d,
+            Host::AfPacket,
+            1,
+            1500,
+            FORWARD_TIME,
+        );
+    });
+}
+
+#[test]
+fn af_packet_guest_rx_frames_from_the_far_veth_end_reach_testpmd() {
+    let t = "af_packet_guest_rx_frames_from_the_far_veth_end_reach_testpmd";
+    with_daemon(t, Host::AfPacket, 1, |dir, d| {
+        rx_round(t, dir, d, Host::AfPacket, 1, AF_PACKET_RX_FRAMES)
+    });
+}
+
+#[test]
+fn af_packet_two_queue_pairs_fan_out_both_directions() {
+    let t = "af_packet_two_queue_pairs_fan_out_both_directions";
+    with_daemon(t, Host::AfPacket, 2, |dir, d| {
+        tx_round(
+            &format!("{t} (tx)"),
+            dir,
+            d,
+            Host::AfPacket,
+            2,
+            64,
+            FORWARD_TIME,
+        );
+        rx_round(
+            &format!("{t} (rx)"),
+            dir,
+            d,
+            Host::AfPacket,
+            2,
+            AF_PACKET_RX_FRAMES,
+        );
     });
 }
 

@@ -357,8 +357,14 @@ impl Daemon {
     /// # Panics
     /// If it exits or does not listen within 10 s (with its log in the message).
     pub fn start(socket: &Path, tap: &str, extra: &[&str], log: &Path) -> Daemon {
+        Daemon::start_on(socket, ("--tap", tap), extra, log)
+    }
+
+    /// Like [`Daemon::start`], with the host port given as a flag and its value, e.g.
+    /// `("--af-packet", "veth0")`.
+    pub fn start_on(socket: &Path, host: (&str, &str), extra: &[&str], log: &Path) -> Daemon {
         let sock = socket.to_str().expect("utf-8 socket path");
-        let mut args = vec!["--socket", sock, "--tap", tap];
+        let mut args = vec!["--socket", sock, host.0, host.1];
         args.extend_from_slice(extra);
         let mut d =
             Daemon::spawn(&args, log).unwrap_or_else(|e| panic!("cannot spawn {DAEMON_BIN}: {e}"));
