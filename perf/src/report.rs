@@ -508,51 +508,55 @@ fn ratios(recs: &[Record]) -> Vec<Vec<String>> {
         }
     }
     // guest-tcp.
-    for ours in ["vhost-pump-tap", "vhost-pump-afpacket"] {
-        for theirs in ["qemu-tap", "kata-tcfilter"] {
-            for dir in ["guest-tx", "guest-rx"] {
-                for streams in [1, 4] {
-                    let pick = |b: &str| {
-                        find(recs, |r| {
-                            r.scenario == "guest-tcp"
-                                && r.test == "tcp"
-                                && r.backend == b
-                                && r.direction == dir
-                                && r.streams == streams
-                        })
-                    };
-                    if let (Some(a), Some(b)) = (pick(ours), pick(theirs)) {
-                        let what = format!("guest-tcp {dir} P{streams}: {ours} ÷ {theirs}");
-                        push(
-                            what.clone(),
-                            "Gbit/s",
-                            a.get("gbps").unwrap_or(0.0),
-                            b.get("gbps").unwrap_or(0.0),
-                        );
-                        for (key, label) in [
-                            ("host_cpu_pct_per_gbps", "host CPU % per Gbit/s"),
-                            ("total_cpu_pct_per_gbps", "total CPU % per Gbit/s"),
-                        ] {
-                            if let (Some(x), Some(y)) = (a.get(key), b.get(key)) {
-                                push(what.clone(), label, x, y);
-                            }
+    for (ours, theirs) in [
+        ("vhost-pump-tap", "qemu-tap"),
+        ("vhost-pump-tap", "kata-tcfilter"),
+        ("vhost-pump-afpacket", "dpdk-vhost-afpacket"),
+        ("vhost-pump-afpacket", "qemu-tap"),
+        ("vhost-pump-afpacket", "kata-tcfilter"),
+    ] {
+        for dir in ["guest-tx", "guest-rx"] {
+            for streams in [1, 4] {
+                let pick = |b: &str| {
+                    find(recs, |r| {
+                        r.scenario == "guest-tcp"
+                            && r.test == "tcp"
+                            && r.backend == b
+                            && r.direction == dir
+                            && r.streams == streams
+                    })
+                };
+                if let (Some(a), Some(b)) = (pick(ours), pick(theirs)) {
+                    let what = format!("guest-tcp {dir} P{streams}: {ours} ÷ {theirs}");
+                    push(
+                        what.clone(),
+                        "Gbit/s",
+                        a.get("gbps").unwrap_or(0.0),
+                        b.get("gbps").unwrap_or(0.0),
+                    );
+                    for (key, label) in [
+                        ("host_cpu_pct_per_gbps", "host CPU % per Gbit/s"),
+                        ("total_cpu_pct_per_gbps", "total CPU % per Gbit/s"),
+                    ] {
+                        if let (Some(x), Some(y)) = (a.get(key), b.get(key)) {
+                            push(what.clone(), label, x, y);
                         }
                     }
                 }
             }
-            let pick = |b: &str| {
-                find(recs, |r| {
-                    r.scenario == "guest-tcp" && r.test == "ping" && r.backend == b
-                })
-            };
-            if let (Some(a), Some(b)) = (pick(ours), pick(theirs)) {
-                push(
-                    format!("guest-tcp ping: {ours} ÷ {theirs}"),
-                    "RTT p99 µs",
-                    a.get("rtt_p99_us").unwrap_or(0.0),
-                    b.get("rtt_p99_us").unwrap_or(0.0),
-                );
-            }
+        }
+        let pick = |b: &str| {
+            find(recs, |r| {
+                r.scenario == "guest-tcp" && r.test == "ping" && r.backend == b
+            })
+        };
+        if let (Some(a), Some(b)) = (pick(ours), pick(theirs)) {
+            push(
+                format!("guest-tcp ping: {ours} ÷ {theirs}"),
+                "RTT p99 µs",
+                a.get("rtt_p99_us").unwrap_or(0.0),
+                b.get("rtt_p99_us").unwrap_or(0.0),
+            );
         }
     }
     // idle.

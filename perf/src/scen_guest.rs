@@ -5,6 +5,11 @@
 //! - `vhost-pump-tap`: QEMU vhost-user → vhost-pump → tap (host netns side has the address).
 //! - `vhost-pump-afpacket`: QEMU vhost-user → vhost-pump → AF_PACKET on a veth; the peer has the
 //!   address.
+//! - `dpdk-vhost-afpacket`: QEMU vhost-user → `dpdk-testpmd` (`net_vhost0` forwarding to
+//!   `net_af_packet0`) on the same veth: DPDK's own AF_PACKET path. It passes no GSO or
+//!   checksum metadata between the ring and the socket, so it only works with every offload
+//!   off: the virtio-net device offers none (the guest segments and checksums itself) and the
+//!   veth's offloads are off (no GSO or partial-checksum skbs reach the PMD).
 //! - `qemu-tap`: QEMU's own `-netdev tap,vhost=off` (no /dev/vhost-net here).
 //! - `kata-tcfilter`: Kata's default: a veth pair whose pod end lives in a second namespace,
 //!   `tc ... matchall action mirred egress redirect` both ways between it and a tap that QEMU's
@@ -24,12 +29,14 @@ use crate::guest::{GuestOpts, NetKind, QemuGuest};
 use crate::record::{Record, Status};
 use crate::scen_vmless::Unavailable;
 use crate::sys::{self, Netns, Proc, Usage};
+use crate::testpmd::{Testpmd, TestpmdOpts};
 use crate::{ping, Lab, RunOpts};
 
 /// The paths of this scenario.
-pub const PATHS: [&str; 4] = [
+pub const PATHS: [&str; 5] = [
     "vhost-pump-tap",
     "vhost-pump-afpacket",
+    "dpdk-vhost-afpacket",
     "qemu-tap",
     "kata-tcfilter",
 ];
@@ -87,8 +94,12 @@ fn tcp_record(path: &str, dir: &str, streams: u32) -> Record {
 struct Setup {
     /// Daemon (vhost-pump paths).
     daemon: Option<Proc>,
+    /// DPDK's backend (dpdk-vhost-* paths).
+    pmd: Option<Testpmd>,
     /// Guest network options.
     net: NetKind,
+    /// Extra `-device virtio-net-pci` properties.
+    device_props: Vec<String>,
     /// Namespace QEMU runs in.
     qemu_ns: Option<Netns>,
     /// The host-side namespace (iperf3 server, ping source).
@@ -138,6 +149,69 @@ fn setup_path(lab: &Lab, path: &str) -> Result<Setup> {
                 host,
                 qemu_ns: None,
                 daemon: Some(p),
+                pmd: None,
+                device_props: Vec::new(),
+                net: NetKind::VhostUser {
+                    socket: sock,
+                    queues: 1,
+                    reconnect: false,
+                },
+            })
+        }
+        "dpdk-vhost-afpacket" => {
+            let sock = daemon::socket(lab, "guest-dpdk");
+            host.ip(&[
+                "link", "add", "vpga0", "type", "veth", "peer", "name", "vpgb0",
+            ])?;
+            host.ip(&["link", "set", "vpga0", "up"])?;
+            for end in ["vpga0", "vpgb0"] {
+                host.exec(&[
+                    "ethtool", "-K", end, "rx", "off", "tx", "off", "tso", "off", "gso", "off",
+                    "gro", "off",
+                ])?;
+            }
+            let cpu = lab.cpus.backend;
+            let o = TestpmdOpts {
+                name: format!("vpperf-gbe-{}", std::process::id()),
+                lcores: lab.cpus.testpmd(cpu).0,
+                main_lcore: lab.cpus.testpmd(cpu).1,
+                vdevs: vec![
+                    format!("net_vhost0,iface={},queues=1", sock.display()),
+                    "net_af_packet0,iface=vpga0,qpairs=1,qdisc_bypass=1".into(),
+                ],
+                app_args: vec![
+                    "--forward-mode=io".into(),
+                    "--nb-cores=1".into(),
+                    "--rxq=1".into(),
+                    "--txq=1".into(),
+                    "--burst=32".into(),
+                    "--total-num-mbufs=65536".into(),
+                    "--max-pkt-len=1518".into(),
+                    "--mbuf-size=2176".into(),
+                    "--no-lsc-interrupt".into(),
+                ],
+                log: lab.log("guest-dpdk-vhost-afpacket-testpmd"),
+                mem_mib: 1024,
+            };
+            let mut pmd = Testpmd::start(&host, &o)?;
+            pmd.start_fwd()?;
+            if !sock.exists() {
+                bail!("DPDK vhost did not create {}", sock.display());
+            }
+            host.ip(&["addr", "add", &cidr, "dev", "vpgb0"])?;
+            host.ip(&["link", "set", "vpgb0", "up"])?;
+            Ok(Setup {
+                host,
+                qemu_ns: None,
+                daemon: None,
+                pmd: Some(pmd),
+                device_props: [
+                    "csum", "guest_csum", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
+                    "guest_tso4", "guest_tso6", "guest_ecn", "guest_ufo",
+                ]
+                .iter()
+                .map(|p| format!("{p}=off"))
+                .collect(),
                 net: NetKind::VhostUser {
                     socket: sock,
                     queues: 1,
@@ -153,6 +227,8 @@ fn setup_path(lab: &Lab, path: &str) -> Result<Setup> {
                 host,
                 qemu_ns: None,
                 daemon: None,
+                pmd: None,
+                device_props: Vec::new(),
                 net: NetKind::Tap {
                     ifname: "vpgq0".into(),
                 },
@@ -188,6 +264,8 @@ fn setup_path(lab: &Lab, path: &str) -> Result<Setup> {
                 host,
                 qemu_ns: Some(pod),
                 daemon: None,
+                pmd: None,
+                device_props: Vec::new(),
                 net: NetKind::Tap {
                     ifname: "vpkt0".into(),
                 },
@@ -219,6 +297,7 @@ fn run_path(lab: &mut Lab, path: &str) -> Result<()> {
     let _server = Proc::spawn("iperf3 -s", setup.host.cmd(&["iperf3", "-s"]), &iperf_log)?;
     let mut opts = GuestOpts::tap("unused");
     opts.net = setup.net.clone();
+    opts.device_props = setup.device_props.clone();
     opts.mac = GUEST_MAC.into();
     opts.ip = Some(format!("{GUEST_IP}/24"));
     opts.name = format!("vpperf-{path}");
@@ -262,6 +341,9 @@ fn run_path(lab: &mut Lab, path: &str) -> Result<()> {
     .map_err(|e| anyhow::anyhow!("no connectivity: {e}"))?;
     let mut pids = vec![];
     if let Some(p) = &setup.daemon {
+        pids.push(p.pid());
+    }
+    if let Some(p) = &setup.pmd {
         pids.push(p.pid());
     }
     let qemu_pid = vm.pid();
