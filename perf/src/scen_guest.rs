@@ -206,8 +206,16 @@ fn setup_path(lab: &Lab, path: &str) -> Result<Setup> {
                 daemon: None,
                 pmd: Some(pmd),
                 device_props: [
-                    "csum", "guest_csum", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
-                    "guest_tso4", "guest_tso6", "guest_ecn", "guest_ufo",
+                    "csum",
+                    "guest_csum",
+                    "host_tso4",
+                    "host_tso6",
+                    "host_ecn",
+                    "host_ufo",
+                    "guest_tso4",
+                    "guest_tso6",
+                    "guest_ecn",
+                    "guest_ufo",
                 ]
                 .iter()
                 .map(|p| format!("{p}=off"))
