@@ -1,6 +1,6 @@
 //! Scenario `idle`: N attached but idle ports (N = 1, 8, 32 by default). For vhost-pump, N
-//! daemons (one port each) with one DPDK virtio-user frontend attached to all of them in
-//! `rxonly` mode; next to it DPDK's vhost PMD (`net_vhost` + `net_tap` per port, `io` mode).
+//! daemons (one port each: a tap, or AF_PACKET on one end of a veth pair whose other end is
+//! up) with one DPDK virtio-user frontend attached to all of them in `rxonly` mode; next to it DPDK's vhost PMD (`net_vhost` + `net_tap` per port, `io` mode).
 //! Reports the backend's CPU% and wake-ups per second (voluntary + involuntary context
 //! switches of all its threads) over the window, and its memory with the ports attached.
 
@@ -15,7 +15,7 @@ use crate::testpmd::{Testpmd, TestpmdOpts};
 use crate::{Lab, RunOpts};
 
 /// Backends of this scenario.
-pub const BACKENDS: [&str; 2] = ["vhost-pump-tap", "dpdk-vhost-tap"];
+pub const BACKENDS: [&str; 3] = ["vhost-pump-tap", "vhost-pump-afpacket", "dpdk-vhost-tap"];
 
 /// DPDK's build limit on ports per process (Debian's 22.11: 32).
 const MAX_ETHPORTS: u32 = 32;
@@ -94,10 +94,18 @@ fn run_one(lab: &mut Lab, backend: &str, n: u32, r: &mut Record) -> Result<()> {
     let mut daemons: Vec<Proc> = Vec::new();
     let mut _pmd: Option<Testpmd> = None;
     let pids: Vec<u32> = match backend {
-        "vhost-pump-tap" => {
+        "vhost-pump-tap" | "vhost-pump-afpacket" => {
             for i in 0..n {
+                let port = if backend == "vhost-pump-tap" {
+                    Port::Tap(format!("vpi{i}"))
+                } else {
+                    let (a, b) = (format!("vpia{i}"), format!("vpib{i}"));
+                    ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+                    ns.ip(&["link", "set", &b, "up"])?;
+                    Port::AfPacket(a)
+                };
                 let o = DaemonOpts {
-                    port: Port::Tap(format!("vpi{i}")),
+                    port,
                     socket: daemon::socket(lab, &format!("idle{i}")),
                     queues: 1,
                     mtu: None,
