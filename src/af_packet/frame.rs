@@ -162,8 +162,18 @@ pub enum TxRefusal {
     CsumOffsets,
 }
 
+/// Frames without GSO up to this length are copied whole into the skb's linear area.
+///
+/// `hdr_len` tells the kernel how much of a TX ring frame to copy into the skb head; the rest
+/// becomes page fragments that point into the ring. Those fragments are zero-copy only as far
+/// as a NIC: a veth, macvlan or bridge port copies them into freshly allocated pages before
+/// the frame crosses into the peer (`skb_orphan_frags_rx`), a page allocation per frame.
+/// Copying an MTU-sized frame into the head costs less than that everywhere.
+pub const TX_LINEAR_MAX: usize = 2048;
+
 /// Checks a guest header against what the device offered and normalises it for the kernel:
-/// `hdr_len` is a hint the kernel refuses when larger than the frame, so it is clamped, and
+/// `hdr_len` is a hint the kernel refuses when larger than the frame, so it is clamped;
+/// frames without GSO up to [`TX_LINEAR_MAX`] get the whole frame as `hdr_len`; and
 /// `DATA_VALID` (meaningless on transmit) is cleared.
 pub fn prepare_tx(h: &mut VnetHdr, frame_len: usize, uso: bool) -> Result<(), TxRefusal> {
     match h.gso_type & !GSO_ECN {
@@ -181,7 +191,8 @@ pub fn prepare_tx(h: &mut VnetHdr, frame_len: usize, uso: bool) -> Result<(), Tx
         return Err(TxRefusal::CsumOffsets);
     }
     h.flags &= !F_DATA_VALID;
-    if usize::from(h.hdr_len) > frame_len {
+    if usize::from(h.hdr_len) > frame_len || (h.gso_type == GSO_NONE && frame_len <= TX_LINEAR_MAX)
+    {
         h.hdr_len = u16::try_from(frame_len).unwrap_or(u16::MAX);
     }
     Ok(())
@@ -618,6 +629,36 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(prepare_tx(&mut h, 100, true), Ok(()));
+    }
+
+    #[test]
+    fn tx_frames_without_gso_go_linear_up_to_the_limit() {
+        let plain = VnetHdr {
+            hdr_len: 14,
+            ..Default::default()
+        };
+        for (len, want) in [
+            (60, 60),
+            (1514, 1514),
+            (TX_LINEAR_MAX, TX_LINEAR_MAX as u16),
+            (TX_LINEAR_MAX + 1, 14),
+            (9014, 14),
+        ] {
+            let mut h = plain;
+            prepare_tx(&mut h, len, false).unwrap();
+            assert_eq!(h.hdr_len, want, "frame of {len} bytes");
+        }
+        // GSO frames keep the guest's header length: their payload stays in page fragments.
+        let mut h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1448,
+            hdr_len: 66,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        prepare_tx(&mut h, 1500, false).unwrap();
+        assert_eq!(h.hdr_len, 66);
     }
 
     #[test]
