@@ -1,4 +1,4 @@
-//! The kernel side: one AF_PACKET socket with its mmap'd RX and TX rings, and the small
+//! The kernel side: a queue's AF_PACKET sockets with their mmap'd RX and TX rings, and the small
 //! syscalls around it (fan-out, statistics, link state and link events).
 
 use std::ffi::CStr;
@@ -145,118 +145,153 @@ fn getsockopt<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> i
     Ok(val)
 }
 
-/// An AF_PACKET socket bound to one interface, with TPACKET_V2 RX and TX rings mapped.
-pub struct PacketSocket {
-    fd: OwnedFd,
-    map: NonNull<u8>,
-    map_len: usize,
-    rx: RingGeometry,
-    tx: RingGeometry,
-    optional: Optional,
+/// A shared mapping of a socket's ring, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
-// SAFETY: the mapping is owned by this value and only touched through it; the kernel's
-// concurrent access follows the ring protocol (per-slot status words), not thread affinity.
-unsafe impl Send for PacketSocket {}
-
-impl PacketSocket {
-    /// Opens a socket on interface `ifindex`: TPACKET_V2, virtio-net headers, qdisc bypass,
-    /// no copies of our own transmissions, the two rings, and promiscuous membership (released
-    /// when the socket closes). Frames arrive from the moment it is bound.
-    pub fn open(
-        ifindex: libc::c_int,
-        rx: RingGeometry,
-        tx: RingGeometry,
-    ) -> Result<Self, SetupError> {
-        // Protocol 0: nothing is received before the rings exist; bind() starts reception.
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        let raw = step("socket", cvt(raw))?;
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let s = fd.as_raw_fd();
-        let sol = libc::SOL_PACKET;
-        let one: libc::c_int = 1;
-        step(
-            "PACKET_VERSION",
-            setsockopt(s, sol, libc::PACKET_VERSION, &TPACKET_V2),
-        )?;
-        step(
-            "PACKET_VNET_HDR",
-            setsockopt(s, sol, libc::PACKET_VNET_HDR, &one),
-        )?;
-        let optional = Optional {
-            qdisc_bypass: setsockopt(s, sol, libc::PACKET_QDISC_BYPASS, &one).is_ok(),
-            ignore_outgoing: setsockopt(s, sol, libc::PACKET_IGNORE_OUTGOING, &one).is_ok(),
-        };
-        // Room for a full TX ring in flight (on a NIC, slots stay busy until TX completion).
-        let sndbuf = libc::c_int::try_from(tx.bytes()).unwrap_or(libc::c_int::MAX);
-        if setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf).is_err() {
-            let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf);
-        }
-        step(
-            "PACKET_RX_RING",
-            rx.req()
-                .and_then(|r| setsockopt(s, sol, libc::PACKET_RX_RING, &r)),
-        )?;
-        step(
-            "PACKET_TX_RING",
-            tx.req()
-                .and_then(|r| setsockopt(s, sol, libc::PACKET_TX_RING, &r)),
-        )?;
-        let map_len = rx.bytes() + tx.bytes();
-        // SAFETY: a fresh shared mapping of the socket's rings (RX then TX, the layout the
-        // kernel requires); the result is checked and owned by the returned value, which
-        // unmaps it on drop.
+impl Mapping {
+    /// Maps the `len` bytes of ring that socket `fd` set up.
+    fn new(fd: RawFd, len: usize) -> Result<Mapping, SetupError> {
+        // SAFETY: a fresh shared mapping of the socket's ring; the result is checked and owned
+        // by the returned value, which unmaps it on drop.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                map_len,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                s,
+                fd,
                 0,
             )
         };
         if map == libc::MAP_FAILED {
             return Err(SetupError {
-                what: "mmap of the rings",
+                what: "mmap of a ring",
                 source: io::Error::last_os_error(),
             });
         }
-        let map = NonNull::new(map.cast::<u8>()).ok_or_else(|| SetupError {
-            what: "mmap of the rings",
+        let ptr = NonNull::new(map.cast::<u8>()).ok_or_else(|| SetupError {
+            what: "mmap of a ring",
             source: io::Error::other("null mapping"),
         })?;
-        // From here on, Drop unmaps.
-        let sock = PacketSocket {
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe the mapping created in `new`, unmapped only here; no
+        // reference into it outlives the owning PacketSocket.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A fresh AF_PACKET socket (protocol 0: it hears nothing until bound to a protocol) using
+/// TPACKET_V2 and virtio-net headers.
+fn packet_socket() -> Result<OwnedFd, SetupError> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    let raw = step("socket", cvt(raw))?;
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (s, one): (RawFd, libc::c_int) = (fd.as_raw_fd(), 1);
+    step(
+        "PACKET_VERSION",
+        setsockopt(s, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V2),
+    )?;
+    step(
+        "PACKET_VNET_HDR",
+        setsockopt(s, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one),
+    )?;
+    Ok(fd)
+}
+
+/// Binds AF_PACKET socket `fd` to interface `ifindex` and protocol `proto` (host order; 0
+/// binds for sending only).
+fn bind(fd: RawFd, ifindex: libc::c_int, proto: u16) -> Result<(), SetupError> {
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as libc::c_ushort;
+    addr.sll_protocol = proto.to_be();
+    addr.sll_ifindex = ifindex;
+    // SAFETY: `addr` is a valid sockaddr_ll and the length matches it.
+    let r = unsafe {
+        libc::bind(
             fd,
-            map,
-            map_len,
-            rx,
-            tx,
-            optional,
-        };
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as libc::c_ushort;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex;
-        // SAFETY: `addr` is a valid sockaddr_ll and the length matches it.
-        let r = unsafe {
-            libc::bind(
-                s,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        step("bind", cvt(r))?;
+            (&addr as *const libc::sockaddr_ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    step("bind", cvt(r)).map(drop)
+}
+
+/// One queue's pair of AF_PACKET sockets on one interface, each with its TPACKET_V2 ring
+/// mapped: a receiving socket with the RX ring, and a send-only socket with the TX ring.
+///
+/// Two sockets rather than one with both rings: every frame the kernel frees from a TX ring
+/// wakes the socket's waiters (`sock_def_write_space`), and the receiving socket always has
+/// one, the worker's epoll. The send-only socket is watched by nobody, hears nothing (it is
+/// bound to no protocol) and so costs the kernel no wake-up per frame.
+pub struct PacketSocket {
+    rx_map: Mapping,
+    tx_map: Mapping,
+    rx_fd: OwnedFd,
+    tx_fd: OwnedFd,
+    rx: RingGeometry,
+    tx: RingGeometry,
+    optional: Optional,
+}
+
+// SAFETY: the mappings are owned by this value and only touched through it; the kernel's
+// concurrent access follows the ring protocol (per-slot status words), not thread affinity.
+unsafe impl Send for PacketSocket {}
+
+impl PacketSocket {
+    /// Opens a queue's sockets on interface `ifindex`: TPACKET_V2, virtio-net headers, qdisc
+    /// bypass, no copies of our own transmissions, the two rings, and promiscuous membership
+    /// (released when the sockets close). Frames arrive from the moment this returns.
+    pub fn open(
+        ifindex: libc::c_int,
+        rx: RingGeometry,
+        tx: RingGeometry,
+    ) -> Result<Self, SetupError> {
+        let sol = libc::SOL_PACKET;
+        let one: libc::c_int = 1;
+
+        let tx_fd = packet_socket()?;
+        let t = tx_fd.as_raw_fd();
+        let qdisc_bypass = setsockopt(t, sol, libc::PACKET_QDISC_BYPASS, &one).is_ok();
+        // Room for a full TX ring in flight (on a NIC, slots stay busy until TX completion).
+        let sndbuf = libc::c_int::try_from(tx.bytes()).unwrap_or(libc::c_int::MAX);
+        if setsockopt(t, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf).is_err() {
+            let _ = setsockopt(t, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf);
+        }
+        step(
+            "PACKET_TX_RING",
+            tx.req()
+                .and_then(|r| setsockopt(t, sol, libc::PACKET_TX_RING, &r)),
+        )?;
+        let tx_map = Mapping::new(t, tx.bytes())?;
+        bind(t, ifindex, 0)?;
+
+        let rx_fd = packet_socket()?;
+        let r = rx_fd.as_raw_fd();
+        let ignore_outgoing = setsockopt(r, sol, libc::PACKET_IGNORE_OUTGOING, &one).is_ok();
+        step(
+            "PACKET_RX_RING",
+            rx.req()
+                .and_then(|req| setsockopt(r, sol, libc::PACKET_RX_RING, &req)),
+        )?;
+        let rx_map = Mapping::new(r, rx.bytes())?;
+        bind(r, ifindex, libc::ETH_P_ALL as u16)?;
         let mreq = libc::packet_mreq {
             mr_ifindex: ifindex,
             mr_type: libc::PACKET_MR_PROMISC as libc::c_ushort,
@@ -265,19 +300,31 @@ impl PacketSocket {
         };
         step(
             "PACKET_ADD_MEMBERSHIP (promiscuous)",
-            setsockopt(s, sol, libc::PACKET_ADD_MEMBERSHIP, &mreq),
+            setsockopt(r, sol, libc::PACKET_ADD_MEMBERSHIP, &mreq),
         )?;
-        Ok(sock)
+        Ok(PacketSocket {
+            rx_map,
+            tx_map,
+            rx_fd,
+            tx_fd,
+            rx,
+            tx,
+            optional: Optional {
+                qdisc_bypass,
+                ignore_outgoing,
+            },
+        })
     }
 
-    /// The socket fd.
+    /// The receiving socket's fd.
     pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.rx_fd.as_raw_fd()
     }
 
-    /// A second descriptor of the same socket, for watching its binding from another thread.
+    /// A second descriptor of the receiving socket, for watching its binding from another
+    /// thread.
     pub fn probe(&self) -> io::Result<OwnedFd> {
-        self.fd.try_clone()
+        self.rx_fd.try_clone()
     }
 
     /// Which optional settings took effect.
@@ -288,15 +335,15 @@ impl PacketSocket {
     /// Start of RX slot `idx` (modulo the ring size).
     pub fn rx_frame(&self, idx: usize) -> *mut u8 {
         let off = self.rx.offset(idx % self.rx.frame_nr());
-        // SAFETY: `off` is inside the RX part of the mapping, which is `rx.bytes()` long.
-        unsafe { self.map.as_ptr().add(off) }
+        // SAFETY: `off` is inside the RX mapping, which is `rx.bytes()` long.
+        unsafe { self.rx_map.ptr.as_ptr().add(off) }
     }
 
     /// Start of TX slot `idx` (modulo the ring size).
     pub fn tx_frame(&self, idx: usize) -> *mut u8 {
-        let off = self.rx.bytes() + self.tx.offset(idx % self.tx.frame_nr());
-        // SAFETY: the TX ring follows the RX ring in the mapping; `off` is inside it.
-        unsafe { self.map.as_ptr().add(off) }
+        let off = self.tx.offset(idx % self.tx.frame_nr());
+        // SAFETY: `off` is inside the TX mapping, which is `tx.bytes()` long.
+        unsafe { self.tx_map.ptr.as_ptr().add(off) }
     }
 
     /// Asks the kernel to transmit every slot marked `TP_STATUS_SEND_REQUEST`, without waiting.
@@ -304,7 +351,14 @@ impl PacketSocket {
         loop {
             // SAFETY: a zero-length send with a null buffer: the kernel reads no user memory
             // and takes the frames from the TX ring.
-            let r = unsafe { libc::send(self.fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT) };
+            let r = unsafe {
+                libc::send(
+                    self.tx_fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if r >= 0 {
                 return Ok(());
             }
@@ -319,7 +373,7 @@ impl PacketSocket {
     /// an error.
     pub fn wait_writable(&self, timeout: Duration) {
         let mut p = libc::pollfd {
-            fd: self.fd(),
+            fd: self.tx_fd.as_raw_fd(),
             events: libc::POLLOUT,
             revents: 0,
         };
@@ -362,14 +416,6 @@ impl PacketSocket {
     pub fn fanout_join(&self, id: u16) -> io::Result<()> {
         let arg = i32::from(id) | ((libc::PACKET_FANOUT_HASH << 16) as i32);
         setsockopt(self.fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
-    }
-}
-
-impl Drop for PacketSocket {
-    fn drop(&mut self) {
-        // SAFETY: `map`/`map_len` describe the mapping created in `open`, unmapped only here;
-        // no reference into it outlives `self`. The fd closes afterwards (field drop).
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
     }
 }
 
