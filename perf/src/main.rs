@@ -114,6 +114,11 @@ pub struct RunOpts {
         value_name = "LIST"
     )]
     pub streams: Vec<u32>,
+    /// guest-tcp: the iperf3 sender uses sendfile (`iperf3 -Z`), so it copies no payload and
+    /// the guest's per-byte work is what the path's offloads leave it (with TSO + checksum
+    /// offload nothing; without them the checksum of every byte). Run into its own directory.
+    #[arg(long)]
+    pub iperf_sendfile: bool,
     /// Pings per guest-tcp path (latency percentiles).
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub pings: u32,

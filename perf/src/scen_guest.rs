@@ -365,8 +365,9 @@ fn run_path(lab: &mut Lab, path: &str) -> Result<()> {
             let mut r = tcp_record(path, dir, streams);
             r.duration_s = secs as f64;
             let cmd = format!(
-                "iperf3 -c {HOST_IP} -t {secs} -f m -P {streams}{}",
-                if dir == "guest-rx" { " -R" } else { "" }
+                "iperf3 -c {HOST_IP} -t {secs} -f m -P {streams}{}{}",
+                if dir == "guest-rx" { " -R" } else { "" },
+                if lab.opts.iperf_sendfile { " -Z" } else { "" }
             );
             let mut cmds = setup_cmds.clone();
             cmds.push(format!("(in the guest) {cmd}"));

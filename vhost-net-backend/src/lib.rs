@@ -15,6 +15,7 @@ pub mod rx;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+pub mod used;
 pub mod worker;
 
 pub use backend::{BackendError, NetBackend};

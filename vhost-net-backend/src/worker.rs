@@ -16,6 +16,7 @@ use crate::features::{mrg_rxbuf, vnet_hdr_len, GuestOffloads, MAX_GSO_FRAME};
 use crate::port::HostQueue;
 use crate::rx::{RxBuffers, Slot};
 use crate::stats::{DropReason, QueueStats};
+use crate::used::{UsedBatch, UsedError};
 
 /// Frames moved per direction before the other direction gets its turn.
 const BUDGET: usize = 256;
@@ -202,6 +203,7 @@ impl QueuePairWorker {
         // must not be able to keep this loop spinning.
         let mut empty_passes = 0;
         let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut used = UsedBatch::new(q);
         'ring: loop {
             let _ = q.disable_notification(mem.as_ref());
             let moved_before = pass.moved;
@@ -245,18 +247,24 @@ impl QueuePairWorker {
                         }
                         Err(reason) => self.tx_drop(reason),
                     }
-                    match q.add_used(mem.as_ref(), head, 0) {
+                    match used.push(q, mem.as_ref(), head, 0) {
                         Ok(()) => {}
                         // A head index beyond the ring (counted as a bad chain above) has no
                         // used entry to take; the chains behind it are still served.
-                        Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
-                        Err(_) => {
+                        Err(UsedError::BadHead(_)) => {}
+                        Err(UsedError::BadAddress) => {
                             self.tx_drop(DropReason::BadAddress);
                             ring_broken = true;
                             break;
                         }
                     }
                     pass.moved += 1;
+                }
+                // The guest gets the burst's buffers back with one index update, before the
+                // kick below spends its time in the kernel.
+                if used.publish(q, mem.as_ref()).is_err() {
+                    self.tx_drop(DropReason::BadAddress);
+                    ring_broken = true;
                 }
                 // The burst's frames are in the host's hands (or queued there): one flush per
                 // burst; frames it still loses are moved from the sent to the dropped counters.
@@ -298,7 +306,7 @@ impl QueuePairWorker {
             .tx
             .bytes
             .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        if pass.moved > 0 && q.needs_notification(mem.as_ref()).unwrap_or(true) {
+        if pass.moved > 0 && used.needs_notification(q, mem.as_ref()) {
             let _ = state.signal_used_queue();
             self.stats
                 .tx
