@@ -375,6 +375,7 @@ mod tests {
             tx_stalled: base + 9,
             tx_failed: base + 10,
             reattached: base + 11,
+            rx_copied: base + 12,
         };
         let text = render(&[
             port("vm0", Some(snap("veth0", LinkState::Up, 0))),
@@ -403,6 +404,7 @@ mod tests {
             "tx_stalled",
             "tx_failed",
             "reattached",
+            "rx_copied",
         ]
         .into_iter()
         .enumerate()

@@ -495,6 +495,7 @@ mod tests {
             tx_stalled: 9,
             tx_failed: 11,
             reattached: 10,
+            rx_copied: 12,
         };
         let afp = port_stats(Some(snap.clone()));
         let v = serde_json::to_value(&afp).unwrap();
@@ -514,6 +515,7 @@ mod tests {
                 "tx_stalled": 9,
                 "tx_failed": 11,
                 "reattached": 10,
+                "rx_copied": 12,
             })
         );
         // Every counter `counters()` names is a field of the JSON object, with its value.

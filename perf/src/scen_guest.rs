@@ -177,7 +177,8 @@ fn setup_path(lab: &Lab, path: &str) -> Result<Setup> {
                 main_lcore: lab.cpus.testpmd(cpu).1,
                 vdevs: vec![
                     format!("net_vhost0,iface={},queues=1", sock.display()),
-                    "net_af_packet0,iface=vpga0,qpairs=1,qdisc_bypass=1".into(),
+                    // framecnt: as deep a ring as vhost-pump's (8192 slots).
+                    "net_af_packet0,iface=vpga0,qpairs=1,qdisc_bypass=1,framecnt=8192".into(),
                 ],
                 app_args: vec![
                     "--forward-mode=io".into(),

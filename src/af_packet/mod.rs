@@ -3,8 +3,11 @@
 //!
 //! # Design
 //!
-//! One `SOCK_RAW` AF_PACKET socket per queue pair, bound to the interface with `ETH_P_ALL`,
-//! each with its own memory-mapped receive and transmit ring:
+//! Two `SOCK_RAW` AF_PACKET sockets per queue pair, each with one memory-mapped ring: a
+//! receiving socket bound to the interface with `ETH_P_ALL` (RX ring), and a send-only socket
+//! bound with protocol 0 (TX ring). Split because every frame the kernel frees from a TX ring
+//! runs the socket's write-space wake-up, and the receiving socket is always watched (the
+//! worker's epoll); nobody watches the send-only one.
 //!
 //! - **TPACKET_V2**, not V3. V3 packs frames densely into blocks and hands a block to user space
 //!   only when it is full or its retire timer (`tp_retire_blk_tov`, millisecond granularity)
@@ -23,13 +26,17 @@
 //!   guest's negotiated offloads: partial checksums are completed in software for a guest
 //!   without GUEST_CSUM, and GSO frames of a kind the guest did not accept are dropped and
 //!   counted (AF_PACKET, unlike a tap, cannot be told to segment for us).
-//! - **Ring sizes.** Every slot holds a whole 64 KiB GSO frame plus headers, so a frame is never
-//!   truncated: blocks of 1 MiB (a power of two: the kernel allocates blocks in power-of-two
-//!   pages) with 15 slots of ~68 KiB. RX: 17 blocks, 255 slots (17 MiB); TX: 4 blocks, 60 slots
-//!   (4 MiB). A frame the kernel still had to truncate (larger than a slot, e.g. BIG TCP) is
-//!   dropped and counted, never delivered cut. The cost of fixed slots: 255 frames are under a
-//!   millisecond of small-frame traffic at a few hundred kpps, so a worker descheduled longer
-//!   than that (a busy host) loses small frames to a full ring (counted, logged).
+//! - **Ring sizes.** RX slots are 2 KiB (512 per 1 MiB block, 16 blocks: 8192 slots, 16 MiB),
+//!   enough for any MTU-1500 frame, so the ring absorbs ~10 ms of small-frame traffic at
+//!   0.8 Mpps while the worker is descheduled (255 GSO-sized slots lost 90 % of a 64-byte flood
+//!   on a busy 2-core host). A larger frame (GSO, jumbo) is handled with
+//!   `PACKET_COPY_THRESH`: the kernel puts its start in the slot, marks it `TP_STATUS_COPY` and
+//!   queues the whole skb on the socket (bounded by an 8 MiB receive buffer); the queue reads
+//!   it with `recvmsg` (VLAN tag from `PACKET_AUXDATA`) into a bounce buffer and delivers it
+//!   like a slot. Slot claim and queueing happen under one kernel lock, so slots and queued
+//!   frames pair up in order. TX slots hold a whole 64 KiB GSO frame plus headers (15 per
+//!   block, 4 blocks: 60 slots, 4 MiB). A frame over 64 KiB (BIG TCP), or a large one while the
+//!   queue is full, is dropped and counted (`rx_truncated`), never delivered cut.
 //! - **Receive** copies the next ready slot (header + frame, with a VLAN tag the kernel moved
 //!   into metadata put back) into the guest's buffers in one pass and returns the slot to the
 //!   kernel; a frame larger than the buffers is dropped (`InvalidInput`, counted by the caller).
@@ -65,8 +72,8 @@
 //!   link is down or gone, transmits fail at once (counted by the caller, never retried in a
 //!   loop); the kernel resumes reception by itself when a downed interface comes back up. The
 //!   watcher exists because the queue workers run sandboxed (no capabilities, no interface
-//!   ioctls): everything a worker does is ring memory, `send`, `poll`, `epoll_wait` and
-//!   `getsockopt`. Nothing spins: every wait is an fd or bounded.
+//!   ioctls): everything a worker does is ring memory, `send`, `recvmsg`, `poll`,
+//!   `epoll_wait` and `getsockopt`. Nothing spins: every wait is an fd or bounded.
 //!
 //! # Kernel limits worth knowing
 //!
@@ -103,19 +110,20 @@ use self::watcher::Watcher;
 /// Bytes per ring block: a power of two, so the kernel's power-of-two page allocation wastes
 /// nothing, large enough for 15 GSO-sized slots.
 const BLOCK_SIZE: usize = 1 << 20;
-/// RX ring: 17 blocks of 15 slots = 255 frames.
-const RX_BLOCKS: usize = 17;
+/// RX ring: 16 blocks of 512 slots = 8192 frames (16 MiB).
+const RX_BLOCKS: usize = 16;
+/// Bytes per RX slot: an Ethernet frame of up to 1958 bytes after the kernel's headers (any
+/// MTU-1500 frame, VLAN-tagged or not); larger ones arrive through the socket's queue.
+const RX_SLOT: usize = 2048;
 /// TX ring: 4 blocks of 15 slots = 60 frames.
 const TX_BLOCKS: usize = 4;
 /// Slack for tags the kernel may leave in the frame data (a second VLAN header).
 const SLOT_SLACK: usize = 8;
 
-/// The RX ring: a slot holds the largest frame the device moves, after the kernel's headers.
-pub(crate) const RX_RING: RingGeometry = RingGeometry::new(
-    RX_MAX_MAC_OFFSET + MAX_GSO_FRAME + SLOT_SLACK,
-    BLOCK_SIZE,
-    RX_BLOCKS,
-);
+/// The RX ring: slots sized for MTU-1500 frames, so that the ring holds thousands of small
+/// frames; a larger frame (GSO, jumbo) is marked `TP_STATUS_COPY` in its slot and read whole
+/// from the socket's queue.
+pub(crate) const RX_RING: RingGeometry = RingGeometry::new(RX_SLOT, BLOCK_SIZE, RX_BLOCKS);
 /// The TX ring: a slot holds the vnet header and the largest frame the guest may send.
 pub(crate) const TX_RING: RingGeometry = RingGeometry::new(
     TX_DATA_OFFSET + VNET_HDR_LEN + MAX_GSO_FRAME + SLOT_SLACK,
@@ -125,7 +133,7 @@ pub(crate) const TX_RING: RingGeometry = RingGeometry::new(
 
 // Every slot holds a whole frame: the kernel puts an RX frame's MAC header at most
 // RX_MAX_MAC_OFFSET into its slot, and a TX frame's data at TX_DATA_OFFSET.
-const _: () = assert!(RX_RING.frame_size >= RX_MAX_MAC_OFFSET + MAX_GSO_FRAME + SLOT_SLACK);
+const _: () = assert!(RX_RING.frame_size >= RX_MAX_MAC_OFFSET + 1522 + SLOT_SLACK);
 const _: () = assert!(TX_RING.frame_size >= TX_DATA_OFFSET + VNET_HDR_LEN + MAX_GSO_FRAME);
 
 /// How long a transmit may wait for the kernel to free a TX slot or take a frame before the
@@ -188,7 +196,8 @@ impl AfPacketError {
 /// `recv`/`send` report; these say why).
 #[derive(Debug, Default)]
 pub struct AfPacketCounters {
-    /// Frames the kernel truncated to the slot size (larger than any frame the device moves).
+    /// Frames too large for the device (over 64 KiB, e.g. BIG TCP), or too large for a slot
+    /// while the socket's queue for such frames was full: dropped, never delivered cut.
     pub rx_truncated: AtomicU64,
     /// GSO frames of a kind the guest did not negotiate.
     pub rx_gso_refused: AtomicU64,
@@ -210,6 +219,8 @@ pub struct AfPacketCounters {
     pub tx_failed: AtomicU64,
     /// Times a queue rebuilt its socket on a re-created interface.
     pub reattached: AtomicU64,
+    /// Frames larger than an RX slot (GSO, jumbo) delivered through the socket's queue.
+    pub rx_copied: AtomicU64,
 }
 
 /// Link state, kept by the watcher and read by the queues (to fail transmits fast).
@@ -509,15 +520,18 @@ pub struct AfPacketSnapshot {
     pub tx_failed: u64,
     /// See [`AfPacketCounters::reattached`].
     pub reattached: u64,
+    /// See [`AfPacketCounters::rx_copied`].
+    #[serde(default)]
+    pub rx_copied: u64,
 }
 
 impl AfPacketSnapshot {
     /// Every counter as `(name, description, value)`, in a fixed order.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 11] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 12] {
         [
             (
                 "rx_truncated",
-                "Frames the kernel truncated to the ring slot size (dropped).",
+                "Frames too large for the device, or for a slot while the queue for such frames was full (dropped).",
                 self.rx_truncated,
             ),
             (
@@ -570,6 +584,11 @@ impl AfPacketSnapshot {
                 "Times a queue rebuilt its socket on a re-created interface.",
                 self.reattached,
             ),
+            (
+                "rx_copied",
+                "Frames larger than an RX ring slot (GSO, jumbo), delivered through the socket's queue.",
+                self.rx_copied,
+            ),
         ]
     }
 }
@@ -611,6 +630,7 @@ impl AfPacketStatus {
             tx_stalled: c.tx_stalled.load(Relaxed),
             tx_failed: c.tx_failed.load(Relaxed),
             reattached: c.reattached.load(Relaxed),
+            rx_copied: c.rx_copied.load(Relaxed),
         }
     }
 }
@@ -630,10 +650,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rings_hold_a_whole_gso_frame_per_slot() {
-        assert_eq!(RX_RING.frame_nr(), 255);
+    fn rx_slots_fit_small_frames_tx_slots_a_whole_gso_frame() {
+        assert_eq!(RX_RING.frame_nr(), 8192);
+        assert_eq!(RX_RING.frame_size, RX_SLOT);
+        assert_eq!(RX_RING.bytes(), 16 << 20);
         assert_eq!(TX_RING.frame_nr(), 60);
-        assert_eq!(RX_RING.bytes(), 17 << 20);
     }
 
     #[test]

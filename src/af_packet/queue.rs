@@ -1,6 +1,6 @@
-//! One queue pair's endpoint: the socket's RX and TX rings, driven by the queue's worker
-//! thread. Only ring memory, `send`, `poll`, `epoll_wait`, `getsockopt` and `read` are used
-//! here: the worker runs sandboxed. Link changes come from the port's watcher.
+//! One queue pair's endpoint: the sockets' RX and TX rings, driven by the queue's worker
+//! thread. Only ring memory, `send`, `recvmsg`, `poll`, `epoll_wait`, `getsockopt` and `read`
+//! are used here: the worker runs sandboxed. Link changes come from the port's watcher.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost_net_backend::features::MAX_GSO_FRAME;
 use vhost_net_backend::{HostQueue, TxDrops};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -31,6 +32,8 @@ const TOKEN_WAKE: u64 = 1;
 const MAX_AHEAD: usize = RX_RING.frame_nr() / 2;
 /// How many slots past an empty one are checked for frames filled out of order (by other CPUs).
 const PEEK: usize = 8;
+/// The bounce buffer: a virtio-net header and the largest frame the device moves.
+const RX_BOUNCE: usize = VNET_HDR_LEN + MAX_GSO_FRAME + 8;
 /// How often the kernel's RX drop counter is read.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -42,6 +45,18 @@ enum Rx {
     Skip,
     /// Dropped; the caller counts it.
     Drop,
+}
+
+/// The VLAN tag the kernel moved out of a frame into its metadata, if any.
+fn vlan_tag(status: u32, tci: u16, tpid: u16) -> Option<VlanTag> {
+    (status & libc::TP_STATUS_VLAN_VALID != 0).then_some(VlanTag {
+        tpid: if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 && tpid != 0 {
+            tpid
+        } else {
+            0x8100
+        },
+        tci,
+    })
 }
 
 /// One queue pair's AF_PACKET socket and rings.
@@ -63,6 +78,8 @@ pub struct AfPacketQueue {
     wake: EventFd,
     /// A transmit timed out and nothing got through since: don't wait again.
     tx_stalled: bool,
+    /// Where a frame too large for an RX slot is read from the socket's queue.
+    bounce: Box<[u8]>,
     last_stats: Instant,
 }
 
@@ -95,6 +112,7 @@ impl AfPacketQueue {
             ep,
             wake,
             tx_stalled: false,
+            bounce: vec![0; RX_BOUNCE].into_boxed_slice(),
             last_stats: Instant::now(),
         })
     }
@@ -120,6 +138,11 @@ impl AfPacketQueue {
             let sll = std::ptr::read(frame.add(TPACKET2_HDR_ALIGNED).cast::<libc::sockaddr_ll>());
             (h, sll.sll_pkttype)
         };
+        if st & libc::TP_STATUS_COPY != 0 {
+            // The slot holds the start; the whole frame waits on the socket's queue.
+            // SAFETY: the caller vouches for the iovecs.
+            return unsafe { self.deliver_copied(pkttype == libc::PACKET_OUTGOING, iov) };
+        }
         if pkttype == libc::PACKET_OUTGOING {
             return Rx::Skip;
         }
@@ -140,22 +163,75 @@ impl AfPacketQueue {
             return Rx::Drop;
         }
         // SAFETY: both ranges lie inside the slot (checked above), which we own.
-        let (mut vnet, data) = unsafe {
+        let (vnet, data) = unsafe {
             let raw = &*frame.add(mac - VNET_HDR_LEN).cast::<[u8; VNET_HDR_LEN]>();
             (
                 VnetHdr::parse(raw),
                 std::slice::from_raw_parts_mut(frame.add(mac), snap),
             )
         };
-        let vlan = (st & libc::TP_STATUS_VLAN_VALID != 0).then_some(VlanTag {
-            tpid: if st & libc::TP_STATUS_VLAN_TPID_VALID != 0 && h.tp_vlan_tpid != 0 {
-                h.tp_vlan_tpid
-            } else {
-                0x8100
-            },
-            tci: h.tp_vlan_tci,
-        });
-        let offloads = self.shared.offloads();
+        let vlan = vlan_tag(st, h.tp_vlan_tci, h.tp_vlan_tpid);
+        // SAFETY: the caller vouches for the iovecs; `data` is our slot, disjoint from them.
+        unsafe { Self::finish(&self.shared, vnet, data, vlan, iov) }
+    }
+
+    /// Delivers the frame a `TP_STATUS_COPY` slot stands for: reads it whole from the socket's
+    /// queue into the bounce buffer (one slot, one queued frame: the kernel claims the slot and
+    /// queues the frame under one lock), then as any slot. `outgoing`: only consume it.
+    ///
+    /// # Safety
+    /// Every iovec must be valid for writes for its length.
+    unsafe fn deliver_copied(&mut self, outgoing: bool, iov: &[libc::iovec]) -> Rx {
+        let c = &self.shared.counters;
+        let got = match self.sock.recv_copied(&mut self.bounce) {
+            Ok(got) => got,
+            // The kernel could not describe the frame's GSO type in a virtio-net header.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                c.rx_gso_refused.fetch_add(1, Relaxed);
+                return Rx::Drop;
+            }
+            Err(_) => {
+                c.rx_malformed.fetch_add(1, Relaxed);
+                return Rx::Drop;
+            }
+        };
+        if outgoing {
+            return Rx::Skip;
+        }
+        if got.truncated {
+            c.rx_truncated.fetch_add(1, Relaxed);
+            return Rx::Drop;
+        }
+        if got.len < VNET_HDR_LEN + ETH_HLEN {
+            c.rx_malformed.fetch_add(1, Relaxed);
+            return Rx::Drop;
+        }
+        c.rx_copied.fetch_add(1, Relaxed);
+        let (raw, data) = self.bounce[..got.len].split_at_mut(VNET_HDR_LEN);
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr.copy_from_slice(raw);
+        let vlan = got
+            .aux
+            .and_then(|a| vlan_tag(a.tp_status, a.tp_vlan_tci, a.tp_vlan_tpid));
+        // SAFETY: the caller vouches for the iovecs; `data` is our bounce buffer.
+        unsafe { Self::finish(&self.shared, VnetHdr::parse(&hdr), data, vlan, iov) }
+    }
+
+    /// Checks a received frame against the guest's offloads and writes header and frame (with
+    /// its VLAN tag put back) into `iov`.
+    ///
+    /// # Safety
+    /// Every iovec must be valid for writes for its length and must not overlap `data`.
+    unsafe fn finish(
+        shared: &Shared,
+        mut vnet: VnetHdr,
+        data: &mut [u8],
+        vlan: Option<VlanTag>,
+        iov: &[libc::iovec],
+    ) -> Rx {
+        let c = &shared.counters;
+        let snap = data.len();
+        let offloads = shared.offloads();
         let partial = vnet.flags & super::frame::F_NEEDS_CSUM != 0;
         match prepare_rx(&mut vnet, data, offloads, vlan.is_some()) {
             Ok(()) => {}
@@ -171,7 +247,7 @@ impl AfPacketQueue {
         if partial && !offloads.csum {
             c.rx_csum_completed.fetch_add(1, Relaxed);
         }
-        let hdr_len = self.shared.hdr_len();
+        let hdr_len = shared.hdr_len();
         let total = hdr_len + snap + if vlan.is_some() { VLAN_HLEN } else { 0 };
         if iov_len(iov) < total {
             c.rx_too_big.fetch_add(1, Relaxed);

@@ -233,6 +233,21 @@ fn bind(fd: RawFd, ifindex: libc::c_int, proto: u16) -> Result<(), SetupError> {
     step("bind", cvt(r)).map(drop)
 }
 
+/// Receive buffer of the RX socket: what frames too large for a slot may occupy while they
+/// wait for `recv_copied` (about 100 GSO frames of 64 KiB).
+pub const RX_COPY_QUEUE: usize = 8 << 20;
+
+/// A frame read by [`PacketSocket::recv_copied`].
+#[derive(Clone, Copy, Debug)]
+pub struct Copied {
+    /// Bytes of virtio-net header and frame; more than the buffer when `truncated`.
+    pub len: usize,
+    /// The frame did not fit the buffer (only its start is there).
+    pub truncated: bool,
+    /// The kernel's metadata (VLAN tag moved out of the data).
+    pub aux: Option<libc::tpacket_auxdata>,
+}
+
 /// One queue's pair of AF_PACKET sockets on one interface, each with its TPACKET_V2 ring
 /// mapped: a receiving socket with the RX ring, and a send-only socket with the TX ring.
 ///
@@ -285,6 +300,21 @@ impl PacketSocket {
         let rx_fd = packet_socket()?;
         let r = rx_fd.as_raw_fd();
         let ignore_outgoing = setsockopt(r, sol, libc::PACKET_IGNORE_OUTGOING, &one).is_ok();
+        // A frame larger than a slot goes into the slot truncated and marked TP_STATUS_COPY,
+        // and whole onto the socket's receive queue, read with `recv_copied`. The queue is
+        // bounded by the receive buffer: room for `RX_COPY_QUEUE` bytes of such frames.
+        step(
+            "PACKET_COPY_THRESH",
+            setsockopt(r, sol, libc::PACKET_COPY_THRESH, &one),
+        )?;
+        step(
+            "PACKET_AUXDATA",
+            setsockopt(r, sol, libc::PACKET_AUXDATA, &one),
+        )?;
+        let rcvbuf = libc::c_int::try_from(RX_COPY_QUEUE).unwrap_or(libc::c_int::MAX);
+        if setsockopt(r, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf).is_err() {
+            let _ = setsockopt(r, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf);
+        }
         step(
             "PACKET_RX_RING",
             rx.req()
@@ -380,6 +410,60 @@ impl PacketSocket {
         let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut p, 1, ms) };
+    }
+
+    /// Takes the next frame the kernel queued whole because it did not fit a slot (a slot
+    /// marked `TP_STATUS_COPY` stands for it, in the same order): the virtio-net header and the
+    /// frame into `buf`, without waiting.
+    pub fn recv_copied(&self, buf: &mut [u8]) -> io::Result<Copied> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // Room for one cmsghdr + tpacket_auxdata, aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        // SAFETY: msghdr is plain old data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of_val(&control) as _;
+        let n = loop {
+            // SAFETY: `msg` points at one iovec over `buf` and at `control`, all live and
+            // exclusively ours for the call; the kernel writes within their lengths.
+            let r =
+                unsafe { libc::recvmsg(self.fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        let mut aux = None;
+        // SAFETY: the kernel filled `msg_controllen` bytes of `control` with well-formed
+        // cmsgs; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_PACKET
+                    && (*c).cmsg_type == libc::PACKET_AUXDATA
+                    && (*c).cmsg_len as usize
+                        >= libc::CMSG_LEN(mem::size_of::<libc::tpacket_auxdata>() as u32) as usize
+                {
+                    aux = Some(std::ptr::read_unaligned(
+                        libc::CMSG_DATA(c).cast::<libc::tpacket_auxdata>(),
+                    ));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok(Copied {
+            len: n,
+            truncated: msg.msg_flags & libc::MSG_TRUNC != 0 || n > buf.len(),
+            aux,
+        })
     }
 
     /// Takes the pending socket error (SO_ERROR), e.g. ENETDOWN after the interface went down.
