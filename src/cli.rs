@@ -91,6 +91,12 @@ pub struct PortArgs {
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
 
+    /// With --af-packet: receive only frames for --mac (required; the MAC the VMM gives the
+    /// guest) and broadcast/multicast, dropped in the kernel before the ring, so a guest on a
+    /// shared bridge, macvlan or NIC does not see other hosts' unicast traffic.
+    #[arg(long)]
+    pub mac_filter: bool,
+
     /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..=65500))]
     pub mtu: Option<u16>,
@@ -134,6 +140,7 @@ impl PortArgs {
             queue_size: self.queue_size,
             mac: self.mac,
             mtu: self.mtu,
+            mac_filter: self.mac_filter,
             client: self.client,
             busy_poll_us: self.busy_poll_us,
             socket_owner: self.socket_owner.clone(),
@@ -247,6 +254,35 @@ mod tests {
         assert!(a.client);
         let a = spec(&["--socket", "/s", "--af-packet", "veth0"]).unwrap();
         assert_eq!(a.host, HostSpec::AfPacket("veth0".into()));
+        assert!(!a.mac_filter);
+        let mac = ["--mac", "02:00:00:00:00:07"];
+        let a = spec(
+            &[
+                &["--socket", "/s", "--af-packet", "v0", "--mac-filter"][..],
+                &mac,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert!(a.mac_filter);
+        assert_eq!(a.mac.unwrap().to_string(), "02:00:00:00:00:07");
+    }
+
+    #[test]
+    fn mac_filter_needs_an_af_packet_port_and_the_guest_mac() {
+        let e = spec(&["--socket", "/s", "--af-packet", "v0", "--mac-filter"]).unwrap_err();
+        assert!(e.contains("mac_filter needs mac"), "{e}");
+        let e = spec(&[
+            "--socket",
+            "/s",
+            "--tap",
+            "t0",
+            "--mac-filter",
+            "--mac",
+            "02:00:00:00:00:07",
+        ])
+        .unwrap_err();
+        assert!(e.contains("mac_filter is for af-packet ports"), "{e}");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct PortSpec {
     /// Guest MTU.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// AF_PACKET ports: receive only frames for `mac` (required) and broadcast/multicast.
+    #[serde(default)]
+    pub mac_filter: bool,
     /// Connect to the socket instead of listening.
     #[serde(default)]
     pub client: bool,
@@ -208,6 +211,17 @@ impl PortSpec {
         if self.busy_poll_us > 1_000_000 {
             return Err(self.invalid("busy_poll_us must be at most 1000000"));
         }
+        if self.mac_filter {
+            if !matches!(self.host, HostSpec::AfPacket(_)) {
+                return Err(self.invalid(
+                    "mac_filter is for af-packet ports (a tap receives only what is routed or \
+                     bridged to it)",
+                ));
+            }
+            if self.mac.is_none() {
+                return Err(self.invalid("mac_filter needs mac: the MAC the VMM gives the guest"));
+            }
+        }
         let ifname = match &self.host {
             HostSpec::Tap(n) | HostSpec::AfPacket(n) => n,
         };
@@ -272,6 +286,9 @@ mac = "02:00:00:00:00:01"
         );
         assert_eq!(c.port[1].mode().unwrap(), 0o660);
         assert_eq!(c.port[1].mac().to_string(), "02:00:00:00:00:01");
+        assert!(!c.port[1].mac_filter);
+        let c = DaemonConfig::parse(&GOOD.replace("client = true", "mac_filter = true")).unwrap();
+        assert!(c.port[1].mac_filter);
     }
 
     #[test]
@@ -279,6 +296,14 @@ mac = "02:00:00:00:00:01"
         let cases = [
             (GOOD.replace("queues = 2", "queues = 99"), "queues"),
             (GOOD.replace("mtu = 9000", "mtu = 1"), "mtu"),
+            (
+                GOOD.replace("mtu = 9000", "mtu = 9000\nmac_filter = true"),
+                "mac_filter is for af-packet",
+            ),
+            (
+                GOOD.replace("mac = \"02:00:00:00:00:01\"", "mac_filter = true"),
+                "mac_filter needs mac",
+            ),
             (GOOD.replace("\"0600\"", "\"999\""), "socket_mode"),
             (GOOD.replace("vm1.sock", "vm0.sock"), "socket path"),
             (GOOD.replace("name = \"vm1\"", "name = \"vm0\""), "duplicate"),

@@ -151,7 +151,8 @@ impl RunningPort {
                 (Arc::new(tap), mtu, None)
             }
             HostSpec::AfPacket(ifname) => {
-                let p = AfPacketPort::open(ifname, queues, spec.mtu)?;
+                let only = spec.mac_filter.then(|| spec.mac());
+                let p = AfPacketPort::open_filtered(ifname, queues, spec.mtu, only)?;
                 let (mtu, status) = (p.mtu(), p.status());
                 (Arc::new(p), mtu, Some(status))
             }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, QemuGuest};
 use common::netns::{self, in_new_netns, ip, target_workdir as workdir, PacketSocket as Peer};
-use vhost_net_backend::{GuestOffloads, HostPort, HostQueue};
+use vhost_net_backend::{GuestOffloads, HostPort, HostQueue, MacAddr};
 use vhost_pump::af_packet::AfPacketPort;
 
 // ---------------------------------------------------------------------------------------------
@@ -950,6 +950,65 @@ fn vmless_bridge_master_receives_frames_for_the_guest_mac() {
         let n = recv_into(q.as_mut(), &mut buf, Duration::from_secs(2))
             .expect("frame for the guest MAC not received through the bridge");
         assert_eq!(&buf[HDR..n], &to_guest[..]);
+    });
+}
+
+#[test]
+fn vmless_mac_filter_passes_only_the_guest_mac_and_group_addresses() {
+    if skip_vmless("vmless_mac_filter_passes_only_the_guest_mac_and_group_addresses") {
+        return;
+    }
+    in_new_netns(|| {
+        veth_pair();
+        let guest = [0x02, 0x5e, 0, 0, 0, 0x42];
+        let other = [0x02, 0x5e, 0, 0, 0, 0x43];
+        let port = AfPacketPort::open_filtered(A, 1, None, Some(MacAddr(guest))).unwrap();
+        port.configure(HDR, ALL).unwrap();
+        let mut q = port.take_queue(0).unwrap();
+        let q = q.as_mut();
+        let mut buf = vec![0u8; 2048];
+        let to = |dst: [u8; 6], tag: u16| {
+            netns::udp_frame(dst, MAC_B, ([10, 9, 0, 1], [10, 9, 0, 2]), (tag, 9), 80)
+        };
+        // Expect exactly the frames for the guest's MAC, broadcast and multicast, in order.
+        let check = |q: &mut dyn HostQueue, buf: &mut [u8], round: u16| {
+            let peer = Peer::sender(B).unwrap();
+            let frames = [
+                (to(other, round), false),
+                (to(guest, round + 1), true),
+                (to([0xff; 6], round + 2), true),
+                (to([0x01, 0x00, 0x5e, 0, 0, 0xfb], round + 3), true),
+                (to(MAC_A, round + 4), false),
+                (to(other, round + 5), false),
+                (to(guest, round + 6), true),
+            ];
+            for (f, _) in &frames {
+                peer.send(f).unwrap();
+            }
+            for (f, _) in frames.iter().filter(|(_, pass)| *pass) {
+                let n = recv_into(q, buf, Duration::from_secs(2)).expect("a passing frame");
+                assert_eq!(&buf[HDR..n], &f[..], "round {round}");
+            }
+            let late = recv_into(q, buf, Duration::from_millis(300));
+            assert!(
+                late.is_err(),
+                "a filtered frame reached the port (round {round})"
+            );
+        };
+        check(q, &mut buf, 100);
+        // Sockets built on a re-created interface carry the filter too.
+        ip(&["link", "del", A]);
+        std::thread::sleep(Duration::from_millis(200));
+        veth_pair();
+        let f = to(MAC_B, 1);
+        let back = netns::wait_until(Duration::from_secs(5), || {
+            let _ = recv_into(q, &mut buf, Duration::from_millis(20));
+            send(q, &[0; HDR], &f).is_ok()
+        });
+        assert!(back, "the port did not re-attach");
+        assert_eq!(port.counters().reattached.load(Relaxed), 1);
+        while recv_into(q, &mut buf, Duration::from_millis(100)).is_ok() {}
+        check(q, &mut buf, 200);
     });
 }
 

@@ -62,6 +62,10 @@
 //!   kernels without it), and promiscuous membership (`PACKET_MR_PROMISC`) so frames for the
 //!   guest's MAC reach the socket on interfaces that filter (bridges, NICs); the kernel releases
 //!   the membership when the socket closes.
+//! - **MAC filter** (optional, [`AfPacketPort::open_filtered`]): a classic BPF socket filter on
+//!   each receiving socket, attached before it is bound, passes frames whose destination is the
+//!   guest's MAC or a group address and drops the rest in the kernel, before they take a slot.
+//!   Sockets built on a re-created interface get it too.
 //! - **Multiqueue**: with more than one queue pair the sockets join one `PACKET_FANOUT_HASH`
 //!   group (a kernel-chosen unique id per port), so each flow lands on one queue pair.
 //! - **Link changes** are followed by a per-port watcher thread (netlink link events; it sleeps
@@ -97,7 +101,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost_net_backend::features::{MAX_GSO_FRAME, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
-use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue};
+use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue, MacAddr};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::netdev::{self, IfName};
@@ -236,6 +240,8 @@ pub(crate) enum Link {
 pub(crate) struct Shared {
     name: IfName,
     queues: usize,
+    /// Receive only frames for this MAC (and group addresses); sockets built on re-attach too.
+    only_mac: Option<[u8; 6]>,
     hdr_len: AtomicUsize,
     offloads: AtomicU8,
     link: AtomicU8,
@@ -247,10 +253,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(name: IfName, queues: usize) -> io::Result<Self> {
+    fn new(name: IfName, queues: usize, only_mac: Option<[u8; 6]>) -> io::Result<Self> {
         Ok(Shared {
             name,
             queues,
+            only_mac,
             hdr_len: AtomicUsize::new(VNET_HDR_LEN_V1),
             offloads: AtomicU8::new(0),
             link: AtomicU8::new(Link::Up as u8),
@@ -314,11 +321,12 @@ impl Shared {
 pub(crate) fn open_sockets(
     ifindex: libc::c_int,
     queues: usize,
+    only_mac: Option<[u8; 6]>,
 ) -> Result<Vec<PacketSocket>, (usize, SetupError)> {
     let mut socks: Vec<PacketSocket> = Vec::with_capacity(queues);
     let mut group = None;
     for pair in 0..queues {
-        let s = PacketSocket::open(ifindex, RX_RING, TX_RING).map_err(|e| (pair, e))?;
+        let s = PacketSocket::open(ifindex, RX_RING, TX_RING, only_mac).map_err(|e| (pair, e))?;
         if queues > 1 {
             let joined = match group {
                 None => s.fanout_create().map(|id| group = Some(id)),
@@ -353,6 +361,18 @@ impl AfPacketPort {
     /// it is down. The guest MTU is `mtu` when given (the interface's own MTU is left alone),
     /// else the interface's.
     pub fn open(ifname: &str, queues: usize, mtu: Option<u16>) -> Result<Self, AfPacketError> {
+        Self::open_filtered(ifname, queues, mtu, None)
+    }
+
+    /// As [`open`](Self::open); with `only_mac`, the port receives only frames addressed to
+    /// that MAC (the guest's) or to broadcast/multicast: on a shared bridge, macvlan or NIC the
+    /// guest does not see, and the port does not copy, other hosts' unicast traffic.
+    pub fn open_filtered(
+        ifname: &str,
+        queues: usize,
+        mtu: Option<u16>,
+        only_mac: Option<MacAddr>,
+    ) -> Result<Self, AfPacketError> {
         let name = IfName::new(ifname)?;
         let ifindex = sys::if_index(name.as_cstr())
             .ok_or_else(|| AfPacketError::NoSuchInterface(ifname.into()))?;
@@ -371,7 +391,8 @@ impl AfPacketPort {
         }
         let queues = queues.max(1);
         let sock_err = |(q, e)| AfPacketError::socket(&name, q, e);
-        let shared = Shared::new(name.clone(), queues).map_err(|source| {
+        let only_mac = only_mac.map(|m| m.0);
+        let shared = Shared::new(name.clone(), queues, only_mac).map_err(|source| {
             sock_err((
                 0,
                 SetupError {
@@ -381,7 +402,7 @@ impl AfPacketPort {
             ))
         })?;
         let shared = Arc::new(shared);
-        let socks = open_sockets(ifindex, queues).map_err(sock_err)?;
+        let socks = open_sockets(ifindex, queues, only_mac).map_err(sock_err)?;
         let probe = socks[0].probe();
         let mut qs = Vec::with_capacity(queues);
         for (pair, sock) in socks.into_iter().enumerate() {
@@ -412,6 +433,7 @@ impl AfPacketPort {
             slot_bytes = RX_RING.frame_size,
             qdisc_bypass = opt.qdisc_bypass,
             ignore_outgoing = opt.ignore_outgoing,
+            mac_filter = only_mac.map(|m| MacAddr(m).to_string()),
             "af_packet port ready"
         );
         Ok(AfPacketPort {
@@ -659,7 +681,7 @@ mod tests {
 
     #[test]
     fn offload_bits_round_trip() {
-        let s = Shared::new(IfName::new("x").unwrap(), 2).unwrap();
+        let s = Shared::new(IfName::new("x").unwrap(), 2, None).unwrap();
         let o = GuestOffloads {
             csum: true,
             tso4: false,

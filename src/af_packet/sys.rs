@@ -233,6 +233,31 @@ fn bind(fd: RawFd, ifindex: libc::c_int, proto: u16) -> Result<(), SetupError> {
     step("bind", cvt(r)).map(drop)
 }
 
+/// A classic BPF socket filter that passes frames whose destination MAC is `mac` or a group
+/// address (the I/G bit: broadcast and multicast) and drops every other frame.
+pub fn mac_filter_program(mac: [u8; 6]) -> [libc::sock_filter; 8] {
+    use libc::{BPF_ABS, BPF_B, BPF_H, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let hi = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    let lo = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
+    // Jump offsets count from the next instruction.
+    [
+        op(BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),   // 0: A = dst[0..4]
+        op(BPF_JMP | BPF_JEQ | BPF_K, hi, 0, 2), // 1: == mac[0..4]? 2 : 4
+        op(BPF_LD | BPF_H | BPF_ABS, 4, 0, 0),   // 2: A = dst[4..6]
+        op(BPF_JMP | BPF_JEQ | BPF_K, lo, 2, 0), // 3: == mac[4..6]? 6 : 4
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 0),   // 4: A = dst[0]
+        op(BPF_JMP | BPF_JSET | BPF_K, 1, 0, 1), // 5: group bit? 6 : 7
+        op(BPF_RET | BPF_K, u32::MAX, 0, 0),     // 6: pass, whole frame
+        op(BPF_RET | BPF_K, 0, 0, 0),            // 7: drop
+    ]
+}
+
 /// Receive buffer of the RX socket: what frames too large for a slot may occupy while they
 /// wait for `recv_copied` (about 100 GSO frames of 64 KiB).
 pub const RX_COPY_QUEUE: usize = 8 << 20;
@@ -273,10 +298,13 @@ impl PacketSocket {
     /// Opens a queue's sockets on interface `ifindex`: TPACKET_V2, virtio-net headers, qdisc
     /// bypass, no copies of our own transmissions, the two rings, and promiscuous membership
     /// (released when the sockets close). Frames arrive from the moment this returns.
+    /// With `only_mac`, the receiving socket passes only frames addressed to that MAC or to a
+    /// group address (broadcast, multicast): the kernel drops the rest before the ring.
     pub fn open(
         ifindex: libc::c_int,
         rx: RingGeometry,
         tx: RingGeometry,
+        only_mac: Option<[u8; 6]>,
     ) -> Result<Self, SetupError> {
         let sol = libc::SOL_PACKET;
         let one: libc::c_int = 1;
@@ -321,6 +349,18 @@ impl PacketSocket {
                 .and_then(|req| setsockopt(r, sol, libc::PACKET_RX_RING, &req)),
         )?;
         let rx_map = Mapping::new(r, rx.bytes())?;
+        if let Some(mac) = only_mac {
+            // Before bind: an unbound socket hears nothing, so no frame skips the filter.
+            let mut prog = mac_filter_program(mac);
+            let fprog = libc::sock_fprog {
+                len: prog.len() as libc::c_ushort,
+                filter: prog.as_mut_ptr(),
+            };
+            step(
+                "SO_ATTACH_FILTER (MAC filter)",
+                setsockopt(r, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog),
+            )?;
+        }
         bind(r, ifindex, libc::ETH_P_ALL as u16)?;
         let mreq = libc::packet_mreq {
             mr_ifindex: ifindex,
