@@ -114,6 +114,10 @@ pub struct RunOpts {
         value_name = "LIST"
     )]
     pub streams: Vec<u32>,
+    /// guest-tcp: QEMU accelerator, `tcg` or `kvm` (`-cpu host`; needs a working /dev/kvm)
+    /// [default: $VHOST_PUMP_QEMU_ACCEL, else tcg].
+    #[arg(long, value_parser = ["tcg", "kvm"], value_name = "ACCEL")]
+    pub accel: Option<String>,
     /// guest-tcp: the iperf3 sender uses sendfile (`iperf3 -Z`), so it copies no payload and
     /// the guest's per-byte work is what the path's offloads leave it (with TSO + checksum
     /// offload nothing; without them the checksum of every byte). Run into its own directory.

@@ -311,6 +311,11 @@ fn run_path(lab: &mut Lab, path: &str) -> Result<()> {
     opts.ip = Some(format!("{GUEST_IP}/24"));
     opts.name = format!("vpperf-{path}");
     opts.guest_dir = lab.guest_dir.clone();
+    match lab.opts.accel.as_deref() {
+        Some("kvm") => opts.accel = crate::guest::Accel::Kvm,
+        Some(_) => opts.accel = crate::guest::Accel::Tcg,
+        None => {}
+    }
     // Name QEMU's threads ("CPU 0/TCG", ...) so vCPU time can be told from I/O time; a second
     // -name merges with the one the guest module passes.
     opts.qemu_args = vec![
@@ -335,7 +340,8 @@ fn run_path(lab: &mut Lab, path: &str) -> Result<()> {
         .wait_ready(Duration::from_secs(120))
         .map_err(|e| anyhow::anyhow!("guest did not come up: {e}"))?;
     lab.say(format!(
-        "guest-tcp {path}: guest ready after {boot:.1?} (logs {})",
+        "guest-tcp {path}: guest ready after {boot:.1?} ({}; logs {})",
+        opts.accel.name(),
         vm.log_dir().display()
     ));
     let setup_cmds = sys::peek_cmds();

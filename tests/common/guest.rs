@@ -8,8 +8,10 @@
 //! command and cuts its output out between unique markers.
 //!
 //! Quirks of the machines this runs on (see REFERENCE.md §8): no usable KVM, so TCG
-//! (`-accel tcg,thread=multi -cpu max`); QEMU < 8 under TCG crashes with a vhost-user netdev and
-//! MSI-X, so `vectors=0` (INTx) is added automatically there.
+//! (`-accel tcg,thread=multi -cpu max`) by default; on a host with working KVM set
+//! `VHOST_PUMP_QEMU_ACCEL=kvm` (or [`GuestOpts::accel`]) for `-accel kvm -cpu host`. QEMU < 8
+//! under TCG crashes with a vhost-user netdev and MSI-X, so `vectors=0` (INTx) is added
+//! automatically there.
 //!
 //! Only std is used, so any test crate can include this module.
 
@@ -25,6 +27,33 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// QEMU accelerator of a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Multi-threaded TCG, `-cpu max` (works everywhere, the vCPU is slow).
+    Tcg,
+    /// KVM, `-cpu host` (needs a `/dev/kvm` that boots a stock kernel).
+    Kvm,
+}
+
+impl Accel {
+    /// `VHOST_PUMP_QEMU_ACCEL` (`kvm` or `tcg`); TCG when unset or anything else.
+    pub fn from_env() -> Accel {
+        match std::env::var("VHOST_PUMP_QEMU_ACCEL").as_deref() {
+            Ok("kvm") => Accel::Kvm,
+            _ => Accel::Tcg,
+        }
+    }
+
+    /// Name as in QEMU's `-accel`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
 
 /// Marker the guest's `/init` prints once eth0 is up.
 pub const READY_MARKER: &str = "VP-READY";
@@ -187,6 +216,8 @@ pub struct GuestOpts {
     pub memory_mib: u32,
     /// Guest vCPUs (default 1).
     pub vcpus: u32,
+    /// Accelerator (default: [`Accel::from_env`]).
+    pub accel: Accel,
     /// MSI-X vectors of the device; default: 0 on QEMU < 8 (INTx, see the module docs), QEMU's
     /// default for one queue pair, `2N+2` for N pairs.
     pub vectors: Option<u32>,
@@ -220,6 +251,7 @@ impl GuestOpts {
             queues: None,
             memory_mib: 512,
             vcpus: 1,
+            accel: Accel::from_env(),
             vectors: None,
             device_props: Vec::new(),
             kernel_args: Vec::new(),
@@ -264,14 +296,11 @@ impl GuestOpts {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
 
-        push(&[
-            "-name",
-            &self.name,
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-        ]);
+        let (accel, cpu) = match self.accel {
+            Accel::Tcg => ("tcg,thread=multi", "max"),
+            Accel::Kvm => ("kvm", "host"),
+        };
+        push(&["-name", &self.name, "-accel", accel, "-cpu", cpu]);
         push(&[
             "-smp",
             &self.vcpus.max(1).to_string(),
