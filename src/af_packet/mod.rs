@@ -317,12 +317,13 @@ impl Shared {
 }
 
 /// Opens one socket per queue pair on interface `ifindex`, joined in one hash fan-out group
-/// (a new, kernel-chosen id) when there are several. On failure, the failing queue's index.
+/// (a new, kernel-chosen id) when there are several, with the port's MAC filter if it has one.
+/// On failure, the failing queue's index.
 pub(crate) fn open_sockets(
     ifindex: libc::c_int,
-    queues: usize,
-    only_mac: Option<[u8; 6]>,
+    shared: &Shared,
 ) -> Result<Vec<PacketSocket>, (usize, SetupError)> {
+    let (queues, only_mac) = (shared.queues, shared.only_mac);
     let mut socks: Vec<PacketSocket> = Vec::with_capacity(queues);
     let mut group = None;
     for pair in 0..queues {
@@ -402,7 +403,7 @@ impl AfPacketPort {
             ))
         })?;
         let shared = Arc::new(shared);
-        let socks = open_sockets(ifindex, queues, only_mac).map_err(sock_err)?;
+        let socks = open_sockets(ifindex, &shared).map_err(sock_err)?;
         let probe = socks[0].probe();
         let mut qs = Vec::with_capacity(queues);
         for (pair, sock) in socks.into_iter().enumerate() {

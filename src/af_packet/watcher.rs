@@ -117,7 +117,7 @@ impl Watch {
             }
             return;
         }
-        match open_sockets(new, self.shared.queues, self.shared.only_mac) {
+        match open_sockets(new, &self.shared) {
             Ok(socks) => {
                 let probe = match socks[0].probe() {
                     Ok(p) => p,
