@@ -186,13 +186,30 @@ use tokio::io::AsyncReadExt as _;
 
 /// Sends one request to a daemon's control socket and returns its response.
 pub fn request(path: &Path, req: &Request) -> std::io::Result<Response> {
+    request_within(path, req, None)
+}
+
+/// Like [`request`], but gives up when a read or write takes longer than `timeout`.
+pub fn request_within(
+    path: &Path,
+    req: &Request,
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<Response> {
     let mut s = StdUnixStream::connect(path)?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;
     let mut reader = BufReader::new(s);
     let mut resp = String::new();
     reader.read_line(&mut resp)?;
+    if resp.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without answering",
+        ));
+    }
     serde_json::from_str(&resp).map_err(std::io::Error::other)
 }
 

@@ -33,6 +33,50 @@ pub enum VhostUserMode {
     Client,
 }
 
+/// Which Kata runtime consumes the attachment (`"kata"`). Kata takes a vhost-user network
+/// device from an outside backend on exactly two paths, and each wants something different:
+///
+/// | value | Kata runtime × hypervisor | how Kata finds the socket | who listens |
+/// |---|---|---|---|
+/// | `go` | runtime-go + QEMU | netns scan: a non-physical link with address A and a socket at `/tmp/vhostuser_<A>/vhu.sock` | vhost-pump |
+/// | `rs` | runtime-rs + Dragonball | DAN file `{danConfDir}/{sandbox}.json`, device type `vhost-user` | Dragonball |
+/// | `none` | (no Kata) | the result's `socketPath` | per `vhostUserMode` |
+///
+/// Every other pairing (runtime-rs with QEMU, Cloud Hypervisor or Firecracker; runtime-go with
+/// Cloud Hypervisor or Firecracker; runtime-go reading a DAN `vhost-user` device) drops the
+/// device or fails the sandbox in Kata, so there is no value for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KataRuntime {
+    /// Kata runtime-go + QEMU: a dummy link in the pod netns, vhost-pump listening on
+    /// `/tmp/vhostuser_<IP>/vhu.sock`, one queue pair, no DAN file.
+    Go,
+    /// Kata runtime-rs + Dragonball: a DAN file entry, vhost-pump connecting to the socket
+    /// Dragonball creates.
+    Rs,
+    /// No Kata files: a plain vhost-user socket reported in the result.
+    None,
+}
+
+impl KataRuntime {
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KataRuntime::Go => "go",
+            KataRuntime::Rs => "rs",
+            KataRuntime::None => "none",
+        }
+    }
+}
+
+/// Node-daemon mode (`"daemon"`): ports live in a node-wide vhost-pump reached through its
+/// control socket instead of in per-attachment sidecars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeDaemonConf {
+    /// The daemon's control socket (`vhost-pump --control PATH`).
+    pub control: PathBuf,
+}
+
 /// Mode of a macvlan made on the master interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,6 +169,10 @@ pub struct NetConf {
     pub mtu: Option<u16>,
     /// Socket direction.
     pub mode: VhostUserMode,
+    /// The Kata runtime that consumes the attachment.
+    pub kata: KataRuntime,
+    /// Node-daemon mode: add ports to this daemon instead of starting sidecars.
+    pub daemon: Option<NodeDaemonConf>,
     /// Sockets, logs, pid and state files live here.
     pub socket_dir: PathBuf,
     /// Kata `dan_conf`.
@@ -161,6 +209,8 @@ struct RawConf {
     queue_size: Option<u64>,
     mtu: Option<u64>,
     vhost_user_mode: Option<String>,
+    kata: Option<Value>,
+    daemon: Option<Value>,
     socket_dir: Option<PathBuf>,
     dan_conf_dir: Option<PathBuf>,
     socket_owner: Option<Value>,
@@ -251,8 +301,30 @@ impl NetConf {
             Some(m @ 68..=65500) => Some(m as u16),
             Some(m) => return Err(invalid(format!("mtu {m} must be between 68 and 65500"))),
         };
+        let kata = match raw.kata.as_ref().map(|k| k.as_str().ok_or(k)) {
+            None | Some(Ok("go")) => KataRuntime::Go,
+            Some(Ok("rs")) => KataRuntime::Rs,
+            Some(Ok("none")) => KataRuntime::None,
+            Some(Err(other)) => {
+                return Err(invalid(format!(
+                    "kata must be a string (\"go\", \"rs\" or \"none\"), not {other}"
+                )))
+            }
+            Some(Ok(other)) => {
+                return Err(unsupported(format!(
+                    "kata {other:?} is not supported: use \"go\" (Kata runtime-go + QEMU), \"rs\" \
+                     (Kata runtime-rs + Dragonball) or \"none\" (no Kata files); Kata takes no \
+                     vhost-user network device from an outside backend with any other runtime \
+                     and hypervisor"
+                )))
+            }
+        };
         let mode = match raw.vhost_user_mode.as_deref() {
-            None | Some("server") => VhostUserMode::Server,
+            None => match kata {
+                KataRuntime::Rs => VhostUserMode::Client,
+                KataRuntime::Go | KataRuntime::None => VhostUserMode::Server,
+            },
+            Some("server") => VhostUserMode::Server,
             Some("client") => VhostUserMode::Client,
             Some(other) => {
                 return Err(unsupported(format!(
@@ -260,6 +332,39 @@ impl NetConf {
                 )))
             }
         };
+        match (kata, mode) {
+            (KataRuntime::Go, VhostUserMode::Client) => {
+                return Err(invalid(
+                    "kata \"go\" with vhostUserMode \"client\" cannot work: Kata runtime-go \
+                     starts QEMU as the client of the socket (no server option), so vhost-pump \
+                     must listen; drop vhostUserMode, or use kata \"rs\" (Dragonball listens) \
+                     or \"none\"",
+                ))
+            }
+            (KataRuntime::Rs, VhostUserMode::Server) => {
+                return Err(invalid(
+                    "kata \"rs\" with vhostUserMode \"server\" cannot work: Kata runtime-rs \
+                     refuses a vhost-user DAN device whose socket already exists, because \
+                     Dragonball creates it and listens; vhost-pump must connect (drop \
+                     vhostUserMode: \"client\" is the default with kata \"rs\")",
+                ))
+            }
+            _ => {}
+        }
+        if kata == KataRuntime::Go && queues != 1 {
+            return Err(invalid(format!(
+                "kata \"go\" takes one queue pair, not {queues}: Kata runtime-go gives QEMU's \
+                 vhost-user netdev no queues= and its device no mq=on, so a guest would use one \
+                 pair anyway"
+            )));
+        }
+        if kata == KataRuntime::Go && ipam.is_none() {
+            return Err(invalid(
+                "kata \"go\" needs an ipam section: Kata runtime-go finds the socket through \
+                 the address of the pod's interface (/tmp/vhostuser_<address>/vhu.sock)",
+            ));
+        }
+        let daemon = raw.daemon.as_ref().map(parse_daemon).transpose()?;
         let socket_dir = absolute_dir(raw.socket_dir, DEFAULT_SOCKET_DIR, "socketDir")?;
         let len = socket_dir.as_os_str().len();
         if len + SOCKET_SUFFIX_LEN > MAX_SOCKET_PATH {
@@ -342,6 +447,8 @@ impl NetConf {
             queue_size,
             mtu,
             mode,
+            kata,
+            daemon,
             socket_dir,
             dan_conf_dir,
             perms,
@@ -386,6 +493,39 @@ fn parse_ipam(v: Value) -> Result<IpamConf, CniError> {
         )));
     }
     Ok(IpamConf { plugin: t.into() })
+}
+
+fn parse_daemon(v: &Value) -> Result<NodeDaemonConf, CniError> {
+    let obj = v.as_object().ok_or_else(|| {
+        invalid("daemon must be an object like {\"control\": \"/run/vhost-pump/node.sock\"}")
+    })?;
+    for k in obj.keys() {
+        if k != "control" {
+            return Err(unsupported(format!(
+                "daemon.{k} is not supported; known keys: control"
+            )));
+        }
+    }
+    let control = match obj.get("control") {
+        Some(Value::String(s)) => PathBuf::from(s),
+        Some(other) => {
+            return Err(invalid(format!(
+                "daemon.control must be a string, not {other}"
+            )))
+        }
+        None => {
+            return Err(invalid(
+                "daemon.control is missing (the node daemon's control socket)",
+            ))
+        }
+    };
+    if !control.is_absolute() || control.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(invalid(format!(
+            "daemon.control {} must be an absolute path of at most {MAX_SOCKET_PATH} bytes",
+            control.display()
+        )));
+    }
+    Ok(NodeDaemonConf { control })
 }
 
 fn check_keys(obj: &Map<String, Value>, kind: &str, allowed: &[&str]) -> Result<(), CniError> {
@@ -506,7 +646,8 @@ mod tests {
 
     fn base() -> Value {
         json!({"cniVersion": "1.1.0", "name": "dan", "type": "vhost-pump-cni",
-               "hostPort": {"kind": "tap", "bridge": "br-dan"}})
+               "hostPort": {"kind": "tap", "bridge": "br-dan"},
+               "ipam": {"type": "host-local"}})
     }
 
     fn with(key: &str, val: Value) -> Value {
@@ -519,7 +660,9 @@ mod tests {
     fn defaults() {
         let c = NetConf::from_value(base()).unwrap();
         assert_eq!((c.queues, c.queue_size, c.mtu), (1, 256, None));
+        assert_eq!(c.kata, KataRuntime::Go);
         assert_eq!(c.mode, VhostUserMode::Server);
+        assert_eq!(c.daemon, None);
         assert_eq!(c.socket_dir, Path::new(DEFAULT_SOCKET_DIR));
         assert_eq!(c.perms.mode, 0o660);
         assert_eq!(
@@ -592,12 +735,89 @@ mod tests {
     }
 
     #[test]
+    fn kata_paths_and_their_combinations() {
+        let c = NetConf::from_value(with("kata", json!("rs"))).unwrap();
+        assert_eq!((c.kata, c.mode), (KataRuntime::Rs, VhostUserMode::Client));
+        let mut v = with("kata", json!("none"));
+        v.as_object_mut().unwrap().remove("ipam");
+        v["queues"] = json!(4);
+        let c = NetConf::from_value(v).unwrap();
+        assert_eq!(
+            (c.kata, c.mode, c.queues),
+            (KataRuntime::None, VhostUserMode::Server, 4)
+        );
+        let mut v = with("kata", json!("none"));
+        v["vhostUserMode"] = json!("client");
+        assert_eq!(NetConf::from_value(v).unwrap().mode, VhostUserMode::Client);
+        let mut v = with("daemon", json!({"control": "/run/vhost-pump/node.sock"}));
+        v["kata"] = json!("go");
+        assert_eq!(
+            NetConf::from_value(v).unwrap().daemon,
+            Some(NodeDaemonConf {
+                control: "/run/vhost-pump/node.sock".into()
+            })
+        );
+
+        // Combinations Kata cannot use are refused, saying why.
+        let refused = |v: Value, code: u32, says: &str| {
+            let e = NetConf::from_value(v.clone()).unwrap_err();
+            assert_eq!(e.code, code, "{v}: {e:?}");
+            assert!(e.msg.contains(says), "{v}: {}", e.msg);
+        };
+        let mut v = with("kata", json!("go"));
+        v["vhostUserMode"] = json!("client");
+        refused(
+            v,
+            code::INVALID_CONFIG,
+            "runtime-go starts QEMU as the client",
+        );
+        let mut v = with("kata", json!("rs"));
+        v["vhostUserMode"] = json!("server");
+        refused(v, code::INVALID_CONFIG, "Dragonball creates it");
+        refused(
+            with("queues", json!(2)),
+            code::INVALID_CONFIG,
+            "one queue pair",
+        );
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("ipam");
+        refused(v, code::INVALID_CONFIG, "needs an ipam section");
+        refused(
+            with("kata", json!("clh")),
+            code::UNSUPPORTED_FIELD,
+            "\"rs\"",
+        );
+        refused(with("kata", json!(true)), code::INVALID_CONFIG, "kata");
+        refused(
+            with("daemon", json!({"control": "rel.sock"})),
+            code::INVALID_CONFIG,
+            "absolute",
+        );
+        refused(
+            with("daemon", json!({})),
+            code::INVALID_CONFIG,
+            "control is missing",
+        );
+        refused(
+            with("daemon", json!({"control": "/c.sock", "port": 1})),
+            code::UNSUPPORTED_FIELD,
+            "daemon.port",
+        );
+        refused(
+            with("daemon", json!("/c.sock")),
+            code::INVALID_CONFIG,
+            "object",
+        );
+    }
+
+    #[test]
     fn af_packet_and_perms() {
         let mut v = with("hostPort", json!({"kind": "af-packet", "master": "eth1"}));
         v["socketOwner"] = json!("root");
         v["socketGroup"] = json!(0);
         v["socketMode"] = json!("0600");
         v["vhostUserMode"] = json!("client");
+        v["kata"] = json!("none");
         let c = NetConf::from_value(v).unwrap();
         assert_eq!(
             c.host_port,

@@ -37,6 +37,8 @@ pub mod code {
     pub const ALREADY_EXISTS: u32 = 104;
     /// CHECK found the attachment unhealthy.
     pub const CHECK_FAILED: u32 = 105;
+    /// The link in the pod's network namespace (Kata runtime-go) could not be made.
+    pub const POD_LINK: u32 = 106;
 }
 
 /// A CNI error result.

@@ -1,15 +1,20 @@
 //! `vhost-pump-cni`: a CNI plugin (spec 1.1.0; also 0.3.x, 0.4.0, 1.0.0) that gives a Kata
-//! sandbox a vhost-user network device served by a vhost-pump sidecar, and tells Kata about it
-//! with a "Directly Attachable Network" file.
+//! sandbox (or any VMM) a vhost-user network device served by vhost-pump, on the paths Kata's
+//! runtimes really consume (`"kata"`, see [`config::KataRuntime`]):
+//! - runtime-go + QEMU: a dummy link in the pod netns carrying the guest's MAC, addresses,
+//!   routes and MTU, and vhost-pump listening on `/tmp/vhostuser_<IP>/vhu.sock`;
+//! - runtime-rs + Dragonball: a "Directly Attachable Network" file entry, vhost-pump dialling
+//!   the socket Dragonball listens on;
+//! - none: just the socket, reported in the result.
 //!
 //! ADD delegates addresses to the IPAM plugin, makes the host port (a persistent tap on a
-//! bridge, or a macvlan for AF_PACKET), starts a supervised vhost-pump on a per-attachment
-//! socket, and merges the interface into `{danConfDir}/{sandbox}.json`. DEL, CHECK, STATUS and
+//! bridge, or a macvlan for AF_PACKET), starts the backend (a supervised per-attachment
+//! vhost-pump, or a port on the node-wide daemon), then what Kata needs. DEL, CHECK, STATUS and
 //! GC work from per-attachment state kept under `socketDir`.
 //!
 //! Files: [`env`] and [`config`] read the invocation, [`ops`] runs the commands over
-//! [`ipam`], [`hostport`], [`sidecar`] and [`dan`], keeping [`state`]; [`result`] and
-//! [`error`] are the answers.
+//! [`ipam`], [`hostport`], [`podlink`], [`sidecar`], [`nodedaemon`] and [`dan`], keeping
+//! [`state`]; [`sockstate`] reads socket liveness; [`result`] and [`error`] are the answers.
 
 pub mod config;
 pub mod dan;
@@ -18,9 +23,12 @@ pub mod error;
 pub mod hostport;
 pub mod ipam;
 pub mod lock;
+pub mod nodedaemon;
 pub mod ops;
+pub mod podlink;
 pub mod result;
 pub mod sidecar;
+pub mod sockstate;
 pub mod state;
 pub mod version;
 

@@ -1,5 +1,9 @@
 //! The commands: ADD, DEL, CHECK, STATUS and GC. ADD records each thing in the attachment's
 //! state before making it, so one teardown serves a failed ADD, DEL and GC alike.
+//!
+//! What ADD makes depends on `"kata"` (see [`KataRuntime`]): always addresses, a host port and
+//! a backend (a sidecar, or a port on the node daemon); for runtime-go also the pod-netns link
+//! and the socket where Kata looks for it; for runtime-rs the DAN entry.
 
 use std::fs;
 use std::io;
@@ -12,19 +16,24 @@ use ipnet::IpNet;
 use serde_json::Value;
 use vhost_net_backend::MacAddr;
 
-use super::config::{HostPortConf, NetConf, VhostUserMode};
+use super::config::{HostPortConf, KataRuntime, NetConf, VhostUserMode};
 use super::dan::{self, DanDevice};
 use super::env::{AttachmentId, CniEnv};
 use super::error::{code, io_error, CniError};
 use super::hostport;
 use super::ipam::{delegate_config, Delegate};
 use super::lock::{FileLock, LockError};
+use super::nodedaemon;
+use super::podlink::{self, PodLinkSpec};
 use super::result::{CniResult, Interface};
-use super::sidecar::{self, SidecarSpec};
+use super::sidecar::{self, SidecarSpec, SidecarStatus};
+use super::sockstate;
 use super::state::{
-    attachment_key, macvlan_name, tap_name, AttachmentPaths, AttachmentState, Layout, PortState,
+    attachment_key, macvlan_name, tap_name, AttachmentPaths, AttachmentState, Layout,
+    NodePortState, PodLinkState, PortState,
 };
 use super::version::CniVersion;
+use crate::config::{HostSpec, PortSpec};
 
 /// How long a command waits for another one on the same attachment.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,7 +72,13 @@ fn choose_mac(conf: &NetConf, env: &CniEnv, id: &AttachmentId) -> Result<MacAddr
 pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let id = env.attachment()?;
     let cni_path = env.cni_path()?;
-    let daemon = sidecar::find_daemon(conf.vhost_pump_path.as_deref(), &cni_path)?;
+    let daemon = match conf.daemon {
+        None => Some(sidecar::find_daemon(
+            conf.vhost_pump_path.as_deref(),
+            &cni_path,
+        )?),
+        Some(_) => None,
+    };
     let ipam = conf
         .ipam
         .as_ref()
@@ -73,7 +88,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let layout = Layout::new(&conf.socket_dir);
     layout.create()?;
     let key = attachment_key(&id);
-    let paths = layout.paths(&key);
+    let mut paths = layout.paths(&key);
     let guard = lock(&paths)?;
     if let Some(st) = AttachmentState::load(&paths.state)? {
         return Err(CniError::new(
@@ -102,6 +117,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ipam_config: None,
         port: None,
         dan_file: None,
+        kata: conf.kata,
+        pod_link: None,
+        node_port: None,
         result: None,
     };
     st.save(&paths.state)?;
@@ -109,8 +127,8 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let added = add_steps(
         env,
         conf,
-        &paths,
-        &daemon,
+        &mut paths,
+        daemon.as_deref(),
         ipam.as_ref(),
         &mut st,
         &mut supervisor,
@@ -122,6 +140,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
         Err(e) => {
             tracing::warn!(error = %e, "ADD failed; rolling back");
+            let paths = st.paths(&layout);
             for t in teardown(&paths, Some(&st), conf, &cni_path, supervisor.as_mut(), &[]) {
                 tracing::warn!(error = %t, "rollback step failed");
             }
@@ -134,8 +153,8 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 fn add_steps(
     env: &CniEnv,
     conf: &NetConf,
-    paths: &AttachmentPaths,
-    daemon: &Path,
+    paths: &mut AttachmentPaths,
+    daemon: Option<&Path>,
     ipam: Option<&Delegate>,
     st: &mut AttachmentState,
     supervisor: &mut Option<Child>,
@@ -212,19 +231,134 @@ fn add_steps(
         }
     };
 
-    // 3. The socket's directory: readable by the VMM; in client mode also writable, so the VMM
-    //    can create its socket there.
+    // 3. Kata runtime-go: the socket goes where Kata looks for it, and the pod netns gets the
+    //    link Kata turns into the guest's interface.
+    if conf.kata == KataRuntime::Go {
+        let ip = ipam_result
+            .ips
+            .first()
+            .map(|i| i.address.addr())
+            .ok_or_else(|| {
+                CniError::new(
+                    code::IPAM,
+                    "the IPAM plugin returned no address; kata \"go\" needs one (Kata finds the \
+                 socket as /tmp/vhostuser_<address>/vhu.sock)",
+                )
+            })?;
+        let socket = podlink::kata_socket_path(ip);
+        paths.socket_dir = socket.parent().map(Path::to_path_buf).unwrap_or_default();
+        paths.socket = socket.clone();
+        st.socket_path = socket;
+        let netns = PathBuf::from(env.netns.clone().unwrap_or_default());
+        st.pod_link = Some(PodLinkState {
+            netns: netns.clone(),
+            ifname: st.ifname.clone(),
+        });
+        st.save(&paths.state)?;
+        let spec = PodLinkSpec {
+            ifname: st.ifname.clone(),
+            mac: st.mac.clone(),
+            mtu,
+            addrs: ipam_result.ips.iter().map(|i| i.address).collect(),
+            routes: ipam_result
+                .routes
+                .iter()
+                .map(|r| {
+                    (
+                        r.dst,
+                        r.gw.or_else(|| ipam_result.gateway_for(&r.dst.addr())),
+                    )
+                })
+                .collect(),
+        };
+        podlink::create(&netns, &spec)?;
+    }
+
+    // 4. The socket's directory.
     make_socket_dir(conf, paths)?;
 
-    // 4. The sidecar.
+    // 5. The backend: a sidecar, or a port on the node daemon.
+    let af_packet = !matches!(port, PortState::Tap { .. });
+    match (&conf.daemon, daemon) {
+        (Some(node), _) => {
+            let name = nodedaemon::port_name(&st.key);
+            st.node_port = Some(NodePortState {
+                control: node.control.clone(),
+                name: name.clone(),
+            });
+            st.save(&paths.state)?;
+            let spec = PortSpec {
+                name,
+                socket: paths.socket.clone(),
+                host: if af_packet {
+                    HostSpec::AfPacket(port.name().to_string())
+                } else {
+                    HostSpec::Tap(port.name().to_string())
+                },
+                queues: conf.queues,
+                queue_size: conf.queue_size,
+                mac: st.mac.parse().ok(),
+                mtu: Some(mtu),
+                mac_filter: af_packet,
+                client: conf.mode == VhostUserMode::Client,
+                busy_poll_us: conf.busy_poll_us.unwrap_or(10),
+                socket_owner: conf.perms.uid.map(|u| u.to_string()),
+                socket_group: conf.perms.gid.map(|g| g.to_string()),
+                socket_mode: Some(format!("{:04o}", conf.perms.mode)),
+            };
+            nodedaemon::add(&node.control, spec, conf.ready_timeout)?;
+        }
+        (None, Some(daemon)) => start_sidecar(conf, paths, daemon, st, &port, mtu, supervisor)?,
+        (None, None) => {
+            return Err(CniError::new(
+                code::SIDECAR,
+                "no vhost-pump binary and no node daemon configured",
+            ))
+        }
+    }
+
+    // 6. Kata runtime-rs: the DAN entry.
+    if conf.kata == KataRuntime::Rs {
+        let dev = DanDevice::vhost_user(
+            &st.ifname,
+            &st.mac,
+            &paths.socket,
+            conf.queues,
+            conf.queue_size,
+            mtu,
+            &ipam_result,
+        );
+        st.dan_file = Some(dan::dan_path(&conf.dan_conf_dir, &st.container_id));
+        st.save(&paths.state)?;
+        dan::upsert(&conf.dan_conf_dir, &st.container_id, &dev)?;
+    }
+
+    // 7. The result.
+    let result = build_result(conf, env, st, &port, mtu, ipam_result)?;
+    st.result = Some(result.clone());
+    st.save(&paths.state)?;
+    Ok(result.render(conf.version))
+}
+
+/// Starts the supervised vhost-pump of the attachment and waits until it serves.
+fn start_sidecar(
+    conf: &NetConf,
+    paths: &AttachmentPaths,
+    daemon: &Path,
+    st: &AttachmentState,
+    port: &PortState,
+    mtu: u16,
+    supervisor: &mut Option<Child>,
+) -> Result<(), CniError> {
     let mut args = vec![
         "--socket".to_string(),
         paths.socket.to_string_lossy().into_owned(),
     ];
-    match &port {
+    match port {
         PortState::Tap { name, .. } => args.extend(["--tap".into(), name.clone()]),
+        // The plugin knows the guest MAC: drop other hosts' unicast in the kernel.
         PortState::Macvlan { name, .. } | PortState::Existing { name } => {
-            args.extend(["--af-packet".into(), name.clone()])
+            args.extend(["--af-packet".into(), name.clone(), "--mac-filter".into()])
         }
     }
     args.extend([
@@ -262,6 +396,9 @@ fn add_steps(
         socket: paths.socket.clone(),
         mode: conf.mode,
         perms: conf.perms,
+        // QEMU under Kata runtime-go connects once, without reconnect.
+        frontend_reconnects: conf.kata != KataRuntime::Go,
+        status_file: Some(paths.status.clone()),
     };
     let child = supervisor.insert(sidecar::launch(&spec, paths)?);
     sidecar::wait_ready(child, &spec, paths, conf.ready_timeout)?;
@@ -273,37 +410,52 @@ fn add_steps(
             )
         })?;
     }
-
-    // 5. The DAN entry.
-    let dev = DanDevice::vhost_user(
-        &st.ifname,
-        &st.mac,
-        &paths.socket,
-        conf.queues,
-        conf.queue_size,
-        mtu,
-        &ipam_result,
-    );
-    st.dan_file = Some(dan::dan_path(&conf.dan_conf_dir, &st.container_id));
-    st.save(&paths.state)?;
-    dan::upsert(&conf.dan_conf_dir, &st.container_id, &dev)?;
-
-    // 6. The result.
-    let result = build_result(conf, env, st, &port, mtu, ipam_result)?;
-    st.result = Some(result.clone());
-    st.save(&paths.state)?;
-    Ok(result.render(conf.version))
+    Ok(())
 }
 
+/// Makes the directory that holds only the socket. Server mode: readable by the VMM's user
+/// (0755 under `socketDir`; 0700 under /tmp for Kata runtime-go, opened to `socketOwner` and
+/// `socketGroup` when given). Client mode: also writable by it, so the VMM can create its
+/// socket there.
 fn make_socket_dir(conf: &NetConf, paths: &AttachmentPaths) -> Result<(), CniError> {
     let dir = &paths.socket_dir;
-    if dir.exists() {
-        fs::remove_dir_all(dir).map_err(|e| io_error("cannot clear", dir, e))?;
-    }
-    let (mode, perms) = match conf.mode {
-        VhostUserMode::Server => (0o755, None),
-        VhostUserMode::Client => (sidecar::client_dir_mode(conf.perms.mode), Some(conf.perms)),
+    let (mode, perms) = match (conf.mode, conf.kata) {
+        (VhostUserMode::Server, KataRuntime::Go) => {
+            let mut mode = 0o700;
+            if conf.perms.gid.is_some() && conf.perms.mode & 0o060 != 0 {
+                mode |= 0o010;
+            }
+            (mode, Some(conf.perms))
+        }
+        (VhostUserMode::Server, _) => (0o755, None),
+        (VhostUserMode::Client, _) => (sidecar::client_dir_mode(conf.perms.mode), Some(conf.perms)),
     };
+    // Whatever is at the path already: a live socket is another backend's (refused); anything
+    // else is a leftover (a crash, or a squatter in a world-writable /tmp) and goes. A symlink
+    // is removed, never followed.
+    if let Ok(md) = fs::symlink_metadata(dir) {
+        let sock = dir.join(paths.socket.file_name().unwrap_or_default());
+        if md.is_dir() && sockstate::of(&sock).listening {
+            return Err(CniError::new(
+                code::ALREADY_EXISTS,
+                format!(
+                    "{} is already served by another backend (an attachment of another network \
+                     with the same address?)",
+                    sock.display()
+                ),
+            ));
+        }
+        let r = if md.is_dir() {
+            fs::remove_dir_all(dir)
+        } else {
+            fs::remove_file(dir)
+        };
+        r.map_err(|e| io_error("cannot clear", dir, e))?;
+    }
+    // Not recursive: creating the last component ourselves is what makes it ours.
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_error("cannot create", parent, e))?;
+    }
     fs::DirBuilder::new()
         .mode(mode)
         .create(dir)
@@ -365,9 +517,11 @@ fn build_result(
     Ok(r)
 }
 
-/// Undoes an attachment as far as it exists: sidecar, DAN entry, host port, IPAM allocation,
-/// socket directory and state files. Best effort: every step runs; the failures are returned.
-/// Without `st` (no state left), names derived from the key and the given `conf` are used.
+/// Undoes an attachment as far as it exists: backend, socket directory, pod link, DAN entry,
+/// host port, IPAM allocation and state files. Best effort: every step runs; the failures are
+/// returned. Without `st` (no state left), names derived from the key and the given `conf` are
+/// used. The socket directory goes before the address is released: once released, the address
+/// (and so a Kata runtime-go socket path) may belong to the next pod.
 fn teardown(
     paths: &AttachmentPaths,
     st: Option<&AttachmentState>,
@@ -377,18 +531,46 @@ fn teardown(
     ipam_env: &[(&str, Option<&str>)],
 ) -> Vec<CniError> {
     let mut errs = Vec::new();
-    sidecar::stop(paths, own_child);
+    let node_port = match st {
+        Some(s) => s.node_port.clone(),
+        None => conf.daemon.as_ref().map(|d| NodePortState {
+            control: d.control.clone(),
+            name: nodedaemon::port_name(&paths.key),
+        }),
+    };
+    match node_port {
+        Some(n) => {
+            if let Err(e) = nodedaemon::remove(&n.control, &n.name, conf.ready_timeout) {
+                errs.push(e.into());
+            }
+        }
+        None => sidecar::stop(paths, &paths.socket, own_child),
+    }
 
-    if let Some(id) = st
-        .map(AttachmentState::id)
-        .or_else(|| ids_from_env(ipam_env))
-    {
-        let dir = st
-            .and_then(|s| s.dan_file.as_deref())
-            .and_then(Path::parent)
-            .unwrap_or(&conf.dan_conf_dir);
-        if let Err(e) = dan::remove(dir, &id.container_id, &id.ifname) {
-            errs.push(CniError::from(e));
+    if let Err(e) = fs::remove_dir_all(&paths.socket_dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            errs.push(io_error("cannot remove", &paths.socket_dir, e));
+        }
+    }
+
+    if let Some(l) = st.and_then(|s| s.pod_link.as_ref()) {
+        if let Err(e) = podlink::delete(&l.netns, &l.ifname) {
+            errs.push(e.into());
+        }
+    }
+
+    let dan_dir = match st {
+        Some(s) => s.dan_file.as_deref().and_then(Path::parent),
+        None => (conf.kata == KataRuntime::Rs).then_some(conf.dan_conf_dir.as_path()),
+    };
+    if let Some(dir) = dan_dir {
+        if let Some(id) = st
+            .map(AttachmentState::id)
+            .or_else(|| ids_from_env(ipam_env))
+        {
+            if let Err(e) = dan::remove(dir, &id.container_id, &id.ifname) {
+                errs.push(CniError::from(e));
+            }
         }
     }
 
@@ -432,12 +614,7 @@ fn teardown(
         }
     }
 
-    if let Err(e) = fs::remove_dir_all(&paths.socket_dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            errs.push(io_error("cannot remove", &paths.socket_dir, e));
-        }
-    }
-    for f in [&paths.sidecar_spec, &paths.log, &paths.state] {
+    for f in [&paths.sidecar_spec, &paths.status, &paths.log, &paths.state] {
         if let Err(e) = fs::remove_file(f) {
             if e.kind() != io::ErrorKind::NotFound {
                 errs.push(io_error("cannot remove", f, e));
@@ -465,12 +642,13 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     };
     let layout = Layout::new(&conf.socket_dir);
     layout.create()?;
-    let paths = layout.paths(&attachment_key(&id));
-    let guard = lock(&paths)?;
-    let st = AttachmentState::load(&paths.state).unwrap_or_else(|e| {
+    let key_paths = layout.paths(&attachment_key(&id));
+    let guard = lock(&key_paths)?;
+    let st = AttachmentState::load(&key_paths.state).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "ignoring unreadable state");
         None
     });
+    let paths = st.as_ref().map_or(key_paths, |s| s.paths(&layout));
     let ids = [
         ("CNI_CONTAINERID", Some(id.container_id.as_str())),
         ("CNI_IFNAME", Some(id.ifname.as_str())),
@@ -521,24 +699,66 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             "the ADD of this attachment did not complete",
         ));
     };
+    let paths = st.paths(&layout);
     let mut problems = Vec::new();
 
-    let live = sidecar::liveness(&paths);
-    if live.supervisor.is_none() {
-        problems.push("the sidecar supervisor is not running".to_string());
-    }
-    if live.daemon.is_none() {
-        problems.push(format!(
-            "vhost-pump is not running (log {}: {})",
-            paths.log.display(),
-            sidecar::log_tail(&paths.log, 3).replace('\n', " | ")
-        ));
+    // The backend: alive, serving the socket at the exact path, and (Kata runtime-go) not
+    // restarted under a QEMU that cannot reconnect.
+    let sock = sockstate::of(&st.socket_path);
+    let no_reconnect = |restarts: String| {
+        format!(
+            "vhost-pump restarted ({restarts}) and nothing is connected to {}: QEMU under Kata \
+             runtime-go does not reconnect, so the pod has no network until it is recreated",
+            st.socket_path.display()
+        )
+    };
+    match &st.node_port {
+        Some(n) => match nodedaemon::stats(&n.control, &n.name, conf.ready_timeout) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(None) => problems.push(format!(
+                "the node daemon at {} has no port {} (was it restarted since ADD?{})",
+                n.control.display(),
+                n.name,
+                if st.kata == KataRuntime::Go {
+                    " QEMU under Kata runtime-go does not reconnect: recreate the pod"
+                } else {
+                    ""
+                }
+            )),
+            Ok(Some(_)) => {}
+        },
+        None => {
+            let live = sidecar::liveness(&paths, &st.socket_path);
+            if live.supervisor.is_none() {
+                problems.push("the sidecar supervisor is not running".to_string());
+            }
+            if live.daemon.is_none() {
+                problems.push(format!(
+                    "vhost-pump is not running (log {}: {})",
+                    paths.log.display(),
+                    sidecar::log_tail(&paths.log, 3).replace('\n', " | ")
+                ));
+            }
+            let status = SidecarStatus::load(&paths.status);
+            if st.kata == KataRuntime::Go && status.restarts > 0 && sock.connections == 0 {
+                problems.push(no_reconnect(format!(
+                    "{} time(s) since ADD, last exit: {}",
+                    status.restarts,
+                    status.last_exit.as_deref().unwrap_or("unknown")
+                )));
+            }
+        }
     }
     if st.mode == VhostUserMode::Server {
         let is_socket =
             fs::symlink_metadata(&st.socket_path).is_ok_and(|m| m.file_type().is_socket());
         if !is_socket {
             problems.push(format!("socket {} is missing", st.socket_path.display()));
+        } else if !sock.listening {
+            problems.push(format!(
+                "nothing listens on socket {}",
+                st.socket_path.display()
+            ));
         }
     }
     match &st.port {
@@ -557,28 +777,69 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         None => problems.push("no host port recorded".into()),
     }
-    let dan_dir = st
-        .dan_file
-        .as_deref()
-        .and_then(Path::parent)
-        .unwrap_or(&conf.dan_conf_dir);
-    match dan::find(dan_dir, &st.container_id, &st.ifname)? {
-        None => problems.push(format!(
-            "no entry for {} in {}",
-            st.ifname,
-            dan::dan_path(dan_dir, &st.container_id).display()
-        )),
-        Some(d) => {
-            let socket_ok = matches!(&d.device,
-                dan::DanDeviceKind::VhostUser { path, .. } if Path::new(path) == st.socket_path);
-            if !socket_ok
-                || d.guest_mac != st.mac
-                || Some(d.network_info.interface.mtu) != st.mtu.map(u64::from)
-            {
-                problems.push(format!(
-                    "the DAN entry of {} does not match the attachment",
-                    st.ifname
-                ));
+    // What Kata runtime-go's netns scan finds: the link, its MAC, addresses and MTU.
+    if let Some(l) = &st.pod_link {
+        match podlink::inspect(&l.netns, &l.ifname) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(None) => problems.push(format!(
+                "interface {} is missing from the pod network namespace {}",
+                l.ifname,
+                l.netns.display()
+            )),
+            Ok(Some(info)) => {
+                if info.kind.as_deref() != Some("dummy") {
+                    problems.push(format!(
+                        "interface {} in the pod netns is a {:?} link, not the dummy this plugin made",
+                        l.ifname, info.kind
+                    ));
+                }
+                if info.mac.as_deref() != Some(st.mac.as_str()) {
+                    problems.push(format!(
+                        "interface {} has MAC {:?}, not the guest's {}",
+                        l.ifname, info.mac, st.mac
+                    ));
+                }
+                if Some(info.mtu) != st.mtu.map(u32::from) {
+                    problems.push(format!(
+                        "interface {} has MTU {}, not {:?}",
+                        l.ifname, info.mtu, st.mtu
+                    ));
+                }
+                for ip in &result.ips {
+                    if !info.addrs.contains(&ip.address) {
+                        problems.push(format!(
+                            "interface {} lacks address {} (Kata would not find the socket)",
+                            l.ifname, ip.address
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if st.kata == KataRuntime::Rs {
+        let dan_dir = st
+            .dan_file
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(&conf.dan_conf_dir);
+        match dan::find(dan_dir, &st.container_id, &st.ifname)? {
+            None => problems.push(format!(
+                "no entry for {} in {}",
+                st.ifname,
+                dan::dan_path(dan_dir, &st.container_id).display()
+            )),
+            Some(d) => {
+                let socket_ok = matches!(&d.device,
+                    dan::DanDeviceKind::VhostUser { path, .. } if Path::new(path) == st.socket_path);
+                if !socket_ok
+                    || d.guest_mac != st.mac
+                    || Some(d.network_info.interface.mtu) != st.mtu.map(u64::from)
+                {
+                    problems.push(format!(
+                        "the DAN entry of {} does not match the attachment",
+                        st.ifname
+                    ));
+                }
             }
         }
     }
@@ -648,8 +909,24 @@ fn probe_dir(dir: &Path) -> Result<(), String> {
 pub fn status(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let cni_path = env.cni_path()?;
     let mut problems = Vec::new();
-    if let Err(e) = sidecar::find_daemon(conf.vhost_pump_path.as_deref(), &cni_path) {
-        problems.push(e.to_string());
+    match &conf.daemon {
+        None => {
+            if let Err(e) = sidecar::find_daemon(conf.vhost_pump_path.as_deref(), &cni_path) {
+                problems.push(e.to_string());
+            }
+        }
+        Some(node) => {
+            if let Err(e) = crate::control::request_within(
+                &node.control,
+                &crate::control::Request::List,
+                Some(conf.ready_timeout),
+            ) {
+                problems.push(format!(
+                    "the node daemon's control socket {} does not answer: {e}",
+                    node.control.display()
+                ));
+            }
+        }
     }
     if let Err(e) = hostport::ip_command() {
         problems.push(e.to_string());
@@ -666,7 +943,13 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             }
         }
     }
-    for d in [&conf.socket_dir, &conf.dan_conf_dir] {
+    let mut dirs = vec![conf.socket_dir.as_path()];
+    match conf.kata {
+        KataRuntime::Rs => dirs.push(&conf.dan_conf_dir),
+        KataRuntime::Go => dirs.push(Path::new("/tmp")),
+        KataRuntime::None => {}
+    }
+    for d in dirs {
         if let Err(e) = probe_dir(d) {
             problems.push(e);
         }
@@ -724,8 +1007,8 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         if st.network != conf.name || keep {
             continue;
         }
-        let paths = layout.paths(&st.key);
-        let guard = match FileLock::acquire(&paths.lock, Duration::from_secs(5)) {
+        let key_paths = layout.paths(&st.key);
+        let guard = match FileLock::acquire(&key_paths.lock, Duration::from_secs(5)) {
             Ok(g) => g,
             Err(e) => {
                 errs.push(lock_error(e));
@@ -733,10 +1016,11 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             }
         };
         // It may have been deleted while we waited.
-        let Ok(Some(st)) = AttachmentState::load(&paths.state) else {
+        let Ok(Some(st)) = AttachmentState::load(&key_paths.state) else {
             guard.remove();
             continue;
         };
+        let paths = st.paths(&layout);
         tracing::info!(container = %st.container_id, ifname = %st.ifname, "GC: removing stale attachment");
         let ids = [
             ("CNI_CONTAINERID", Some(st.container_id.as_str())),

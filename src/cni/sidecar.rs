@@ -9,6 +9,14 @@
 //! backoff, so the socket comes back after a crash. vhost-pump gets SIGTERM if the supervisor
 //! dies. Pids are only signalled after checking their command line, so a recycled pid is never
 //! hit.
+//!
+//! A restart brings the socket back, but not a frontend that does not reconnect: QEMU under Kata
+//! runtime-go gets a client chardev without `reconnect`, so once its connection is cut the guest
+//! has no network until the pod is recreated. The supervisor counts restarts in a status file
+//! (CHECK reads it) and, for such frontends, says so in the log at each restart.
+//!
+//! Once vhost-pump is up the supervisor sleeps in `sigwait` for SIGCHLD or a stop signal: an
+//! idle attachment costs no wake-ups.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -18,10 +26,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use super::config::{SocketPerms, VhostUserMode};
 use super::error::{code, CniError};
@@ -56,6 +65,45 @@ pub struct SidecarSpec {
     pub mode: VhostUserMode,
     /// Owner and mode applied to the socket in server mode.
     pub perms: SocketPerms,
+    /// Whether the frontend reconnects after a restart (false for QEMU under Kata runtime-go).
+    #[serde(default = "yes")]
+    pub frontend_reconnects: bool,
+    /// Where the supervisor records restarts.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the supervisor records about the daemon's life, for CHECK.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarStatus {
+    /// Restarts after the first successful start.
+    pub restarts: u32,
+    /// How the daemon last ended, if it did.
+    pub last_exit: Option<String>,
+    /// When it was last (re)started, seconds since the epoch.
+    pub last_start: u64,
+}
+
+impl SidecarStatus {
+    /// Reads a status file; a missing or unreadable one reads as no restarts.
+    pub fn load(path: &Path) -> SidecarStatus {
+        fs::read(path)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) {
+        let data = serde_json::to_vec(self).unwrap_or_default();
+        if let Err(e) = write_atomic(path, &data, 0o644) {
+            say(format_args!("cannot write {}: {e}", path.display()));
+        }
+    }
 }
 
 /// Sidecar failures.
@@ -250,9 +298,9 @@ pub struct Liveness {
     pub daemon: Option<u32>,
 }
 
-/// Which of the attachment's processes run.
-pub fn liveness(paths: &AttachmentPaths) -> Liveness {
-    let (sup, daemon) = needles(paths);
+/// Which of the attachment's processes run (`socket`: the attachment's socket path).
+pub fn liveness(paths: &AttachmentPaths, socket: &Path) -> Liveness {
+    let (sup, daemon) = needles(paths, socket);
     Liveness {
         supervisor: verified_pid(&paths.supervisor_pid, &sup),
         daemon: verified_pid(&paths.pid, &daemon),
@@ -261,19 +309,19 @@ pub fn liveness(paths: &AttachmentPaths) -> Liveness {
 
 /// What the command lines of the supervisor and of vhost-pump contain: the supervisor's spec
 /// file, and `--socket PATH` (a VMM's command line may name the socket too, never so).
-fn needles(paths: &AttachmentPaths) -> (String, String) {
+fn needles(paths: &AttachmentPaths, socket: &Path) -> (String, String) {
     (
         format!("{SUPERVISE_ARG} {}", paths.sidecar_spec.display()),
-        format!("--socket {}", paths.socket.display()),
+        format!("--socket {}", socket.display()),
     )
 }
 
 /// Stops the supervisor (which stops vhost-pump) and, if it is still there, vhost-pump.
 /// Best effort; a process already gone is fine.
-pub fn stop(paths: &AttachmentPaths, own_child: Option<&mut Child>) {
+pub fn stop(paths: &AttachmentPaths, socket: &Path, own_child: Option<&mut Child>) {
     // Without a pid file (a crash right after the start), look the processes up by the paths
     // their command lines carry, which are unique to this attachment.
-    let (sup_needle, daemon_needle) = needles(paths);
+    let (sup_needle, daemon_needle) = needles(paths, socket);
     let sup =
         verified_pid(&paths.supervisor_pid, &sup_needle).or_else(|| pid_by_cmdline(&sup_needle));
     let daemon =
@@ -405,13 +453,17 @@ pub fn supervise(spec_path: &Path) -> i32 {
             return 1;
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
-            say(format_args!("cannot install signal handler: {e}"));
+    // Stop signals and SIGCHLD arrive through one iterator: polled while the daemon starts,
+    // waited on (no wake-ups) once it is up.
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD]) {
+        Ok(s) => s,
+        Err(e) => {
+            say(format_args!("cannot install signal handlers: {e}"));
             return 1;
         }
-    }
+    };
+    let stop = AtomicBool::new(false);
+    let mut status = SidecarStatus::default();
     let mut first = true;
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -436,7 +488,9 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 if first {
                     return 1;
                 }
-                sleep_unless(&stop, backoff);
+                if sleep_unless(&mut signals, &stop, backoff) {
+                    return 0;
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
@@ -446,8 +500,17 @@ pub fn supervise(spec_path: &Path) -> i32 {
             spec.daemon.display(),
             child.id()
         ));
+        status.last_start = unix_now();
+        if let Some(f) = &spec.status_file {
+            status.save(f);
+        }
         let mut up = false;
-        let status = loop {
+        let exit = loop {
+            for sig in signals.pending() {
+                if sig != SIGCHLD {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
             if stop.load(Ordering::Relaxed) {
                 say("stopping");
                 terminate(child.id(), Duration::from_secs(3));
@@ -455,60 +518,92 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 let _ = fs::remove_file(&spec.pid_file);
                 return 0;
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                break status;
+            if let Ok(Some(exit)) = child.try_wait() {
+                break exit;
             }
-            if !up {
-                up = match spec.mode {
-                    VhostUserMode::Server => spec.socket.exists(),
-                    VhostUserMode::Client => started.elapsed() >= CLIENT_STARTUP,
-                };
-                if up {
-                    if spec.mode == VhostUserMode::Server {
-                        if let Err(e) = apply_perms(&spec.socket, &spec.perms, spec.perms.mode) {
-                            say(format_args!(
-                                "cannot set owner/mode of {}: {e}",
-                                spec.socket.display()
-                            ));
-                        }
+            if up {
+                // Up: sleep until a signal (SIGCHLD when the daemon ends, or a stop).
+                if let Some(sig) = signals.wait().next() {
+                    if sig != SIGCHLD {
+                        stop.store(true, Ordering::Relaxed);
                     }
-                    let pid = format!("{}\n", child.id());
-                    if let Err(e) = write_atomic(&spec.pid_file, pid.as_bytes(), 0o644) {
+                }
+                continue;
+            }
+            up = match spec.mode {
+                VhostUserMode::Server => spec.socket.exists(),
+                VhostUserMode::Client => started.elapsed() >= CLIENT_STARTUP,
+            };
+            if up {
+                if spec.mode == VhostUserMode::Server {
+                    if let Err(e) = apply_perms(&spec.socket, &spec.perms, spec.perms.mode) {
                         say(format_args!(
-                            "cannot write {}: {e}",
-                            spec.pid_file.display()
+                            "cannot set owner/mode of {}: {e}",
+                            spec.socket.display()
                         ));
                     }
-                } else if first && started.elapsed() > SERVER_STARTUP {
-                    say("vhost-pump never created its socket; giving up");
-                    terminate(child.id(), Duration::from_secs(3));
-                    let _ = child.wait();
-                    return 1;
                 }
+                let pid = format!("{}\n", child.id());
+                if let Err(e) = write_atomic(&spec.pid_file, pid.as_bytes(), 0o644) {
+                    say(format_args!(
+                        "cannot write {}: {e}",
+                        spec.pid_file.display()
+                    ));
+                }
+                continue;
+            }
+            if first && started.elapsed() > SERVER_STARTUP {
+                say("vhost-pump never created its socket; giving up");
+                terminate(child.id(), Duration::from_secs(3));
+                let _ = child.wait();
+                return 1;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let _ = fs::remove_file(&spec.pid_file);
-        say(format_args!("vhost-pump exited: {status}"));
+        say(format_args!("vhost-pump exited: {exit}"));
         if first && !up {
             return 1;
         }
         first = false;
+        status.restarts += 1;
+        status.last_exit = Some(exit.to_string());
+        if let Some(f) = &spec.status_file {
+            status.save(f);
+        }
+        if !spec.frontend_reconnects {
+            say(format_args!(
+                "ERROR: the frontend of {} does not reconnect (QEMU under Kata runtime-go has no \
+                 chardev reconnect): if a VM was connected, its network is gone until the pod is \
+                 recreated; the restarted vhost-pump serves only new VMs",
+                spec.socket.display()
+            ));
+        }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(200);
         }
         say(format_args!("restarting in {backoff:?}"));
-        if sleep_unless(&stop, backoff) {
+        if sleep_unless(&mut signals, &stop, backoff) {
             return 0;
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
-/// Sleeps `d` unless `stop` is raised; true if it was.
-fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Sleeps `d` unless a stop signal comes; true if one did (or had).
+fn sleep_unless(signals: &mut Signals, stop: &AtomicBool, d: Duration) -> bool {
     let t = Instant::now();
     while t.elapsed() < d {
+        if signals.pending().any(|s| s != SIGCHLD) {
+            stop.store(true, Ordering::Relaxed);
+        }
         if stop.load(Ordering::Relaxed) {
             return true;
         }

@@ -10,7 +10,10 @@
 //! .state/<key>.log         vhost-pump's and its supervisor's log
 //! .state/<key>.pid         vhost-pump's pid
 //! .state/<key>.supervisor.pid, .state/<key>.sidecar.json   the supervisor's pid and orders
+//! .state/<key>.status.json the supervisor's record of vhost-pump restarts
 //! ```
+//! With `"kata": "go"` the socket is where Kata runtime-go looks instead,
+//! `/tmp/vhostuser_<IP>/vhu.sock`; the state file records it.
 //! Names of host interfaces derive from the key too (`vp<key>` taps, `vm<key>` macvlans), so a
 //! DEL without state still finds them.
 
@@ -22,7 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::config::{MacvlanMode, VhostUserMode};
+use super::config::{KataRuntime, MacvlanMode, VhostUserMode};
 use super::env::AttachmentId;
 use super::error::{io_error, CniError};
 use super::result::CniResult;
@@ -63,6 +66,8 @@ pub struct AttachmentPaths {
     pub supervisor_pid: PathBuf,
     /// The supervisor's orders.
     pub sidecar_spec: PathBuf,
+    /// The supervisor's restart record.
+    pub status: PathBuf,
 }
 
 /// The directories under `socketDir`.
@@ -113,6 +118,7 @@ impl Layout {
             pid: st.join(format!("{key}.pid")),
             supervisor_pid: st.join(format!("{key}.supervisor.pid")),
             sidecar_spec: st.join(format!("{key}.sidecar.json")),
+            status: st.join(format!("{key}.status.json")),
         }
     }
 
@@ -124,8 +130,10 @@ impl Layout {
         let mut v: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
+                let name = p.to_string_lossy();
                 p.extension().is_some_and(|e| e == "json")
-                    && !p.to_string_lossy().ends_with(".sidecar.json")
+                    && !name.ends_with(".sidecar.json")
+                    && !name.ends_with(".status.json")
             })
             .collect();
         v.sort();
@@ -216,8 +224,42 @@ pub struct AttachmentState {
     pub port: Option<PortState>,
     /// The DAN file, once written to.
     pub dan_file: Option<PathBuf>,
+    /// The Kata runtime the attachment was made for.
+    #[serde(default = "default_kata")]
+    pub kata: KataRuntime,
+    /// The link in the pod netns (Kata runtime-go), once its creation was attempted.
+    #[serde(default)]
+    pub pod_link: Option<PodLinkState>,
+    /// Node-daemon mode: the daemon and the port's name there, once the port was requested.
+    #[serde(default)]
+    pub node_port: Option<NodePortState>,
     /// The full result once ADD completed.
     pub result: Option<CniResult>,
+}
+
+/// State files written before the `kata` key existed were DAN attachments.
+fn default_kata() -> KataRuntime {
+    KataRuntime::Rs
+}
+
+/// The pod-side link of a Kata runtime-go attachment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodLinkState {
+    /// The pod's netns file (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// Link name (`CNI_IFNAME`).
+    pub ifname: String,
+}
+
+/// A port on the node daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePortState {
+    /// The daemon's control socket.
+    pub control: PathBuf,
+    /// The port's name there.
+    pub name: String,
 }
 
 impl AttachmentState {
@@ -239,6 +281,16 @@ impl AttachmentState {
     pub fn save(&self, path: &Path) -> Result<(), CniError> {
         let data = serde_json::to_vec_pretty(self).unwrap_or_default();
         write_atomic(path, &data, 0o600).map_err(|e| io_error("cannot write", path, e))
+    }
+
+    /// The attachment's paths under `layout`, with the socket where this attachment has it.
+    pub fn paths(&self, layout: &Layout) -> AttachmentPaths {
+        let mut p = layout.paths(&self.key);
+        if let Some(dir) = self.socket_path.parent() {
+            p.socket_dir = dir.to_path_buf();
+            p.socket = self.socket_path.clone();
+        }
+        p
     }
 
     /// The attachment identity.
