@@ -253,6 +253,7 @@ fn add_steps(
         st.pod_link = Some(PodLinkState {
             netns: netns.clone(),
             ifname: st.ifname.clone(),
+            kind: podlink::LINK_KINDS[0].into(),
         });
         st.save(&paths.state)?;
         let spec = PodLinkSpec {
@@ -271,7 +272,11 @@ fn add_steps(
                 })
                 .collect(),
         };
-        podlink::create(&netns, &spec)?;
+        let kind = podlink::create(&netns, &spec)?;
+        if let Some(l) = st.pod_link.as_mut() {
+            l.kind = kind.into();
+        }
+        st.save(&paths.state)?;
     }
 
     // 4. The socket's directory.
@@ -787,10 +792,16 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                 l.netns.display()
             )),
             Ok(Some(info)) => {
-                if info.kind.as_deref() != Some("dummy") {
+                if info.kind.as_deref() != Some(l.kind.as_str()) {
                     problems.push(format!(
-                        "interface {} in the pod netns is a {:?} link, not the dummy this plugin made",
-                        l.ifname, info.kind
+                        "interface {} in the pod netns is a {:?} link, not the {} this plugin made",
+                        l.ifname, info.kind, l.kind
+                    ));
+                }
+                if info.noarp {
+                    problems.push(format!(
+                        "interface {} has ARP off, which Kata would copy to the guest",
+                        l.ifname
                     ));
                 }
                 if info.mac.as_deref() != Some(st.mac.as_str()) {

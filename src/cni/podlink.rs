@@ -5,7 +5,12 @@
 //! vhost-user endpoint: QEMU gets that socket as a client chardev and the link's MAC as the
 //! device's `mac=`, and the guest gets the link's addresses, routes and MTU. So the link only
 //! has to *describe* the guest interface: a dummy device carries it, and no frame ever crosses
-//! it (the frames go guest ↔ vhost-pump ↔ host port).
+//! it (the frames go guest ↔ vhost-pump ↔ host port). On kernels built without the dummy
+//! driver an `ifb` device stands in (also virtual, so Kata's physical-NIC test passes it by).
+//!
+//! Kata also copies the link's `IFF_NOARP` flag to the guest interface, and both dummy and ifb
+//! devices are created with it: left on, the guest would never resolve its gateway. ARP is
+//! switched on explicitly.
 //!
 //! The commands run as one `ip -batch` inside the pod netns: a short-lived thread enters the
 //! namespace with setns(2) and starts `ip` from there (a child starts in its creator thread's
@@ -95,12 +100,16 @@ pub struct PodLinkSpec {
     pub routes: Vec<(IpNet, Option<IpAddr>)>,
 }
 
+/// Link kinds tried in order: the dummy driver, else ifb.
+pub const LINK_KINDS: [&str; 2] = ["dummy", "ifb"];
+
 impl PodLinkSpec {
-    /// The `ip -batch` lines that make the link.
-    fn batch(&self) -> String {
+    /// The `ip -batch` lines that make the link as a `kind` device.
+    fn batch(&self, kind: &str) -> String {
         let n = &self.ifname;
         let mut b = format!(
-            "link add name {n} address {} mtu {} type dummy\n",
+            "link add name {n} address {} mtu {} type {kind}\n\
+             link set dev {n} arp on\n",
             self.mac, self.mtu
         );
         for a in &self.addrs {
@@ -126,6 +135,8 @@ impl PodLinkSpec {
 pub struct PodLinkInfo {
     /// Link kind (`dummy`), if any.
     pub kind: Option<String>,
+    /// `IFF_NOARP` is set (Kata would give the guest interface no ARP).
+    pub noarp: bool,
     /// MAC address.
     pub mac: Option<String>,
     /// MTU.
@@ -136,6 +147,8 @@ pub struct PodLinkInfo {
 
 #[derive(Deserialize)]
 struct IpAddrShow {
+    #[serde(default)]
+    flags: Vec<String>,
     mtu: Option<u32>,
     address: Option<String>,
     linkinfo: Option<IpLinkInfo>,
@@ -225,6 +238,7 @@ pub fn inspect(netns: &Path, ifname: &str) -> Result<Option<PodLinkInfo>, PodLin
     })?;
     Ok(links.into_iter().next().map(|l| PodLinkInfo {
         kind: l.linkinfo.and_then(|i| i.info_kind),
+        noarp: l.flags.iter().any(|f| f == "NOARP"),
         mac: l.address,
         mtu: l.mtu.unwrap_or(0),
         addrs: l
@@ -235,9 +249,10 @@ pub fn inspect(netns: &Path, ifname: &str) -> Result<Option<PodLinkInfo>, PodLin
     }))
 }
 
-/// Creates the dummy link `spec` describes in `netns`, with its addresses and routes. A link
-/// of that name already there is refused (it is someone else's: ours are removed on failure).
-pub fn create(netns: &Path, spec: &PodLinkSpec) -> Result<(), PodLinkError> {
+/// Creates the link `spec` describes in `netns`, with its addresses and routes, and returns
+/// its kind (see [`LINK_KINDS`]). A link of that name already there is refused (it is someone
+/// else's: ours are removed on failure).
+pub fn create(netns: &Path, spec: &PodLinkSpec) -> Result<&'static str, PodLinkError> {
     IfName::new(&spec.ifname)?;
     if inspect(netns, &spec.ifname)?.is_some() {
         return Err(PodLinkError::Exists {
@@ -245,11 +260,25 @@ pub fn create(netns: &Path, spec: &PodLinkSpec) -> Result<(), PodLinkError> {
             ifname: spec.ifname.clone(),
         });
     }
-    let r = ip_in(netns, &["-batch", "-"], Some(&spec.batch())).map(drop);
-    if r.is_err() {
-        let _ = delete(netns, &spec.ifname);
+    let mut last = None;
+    for kind in LINK_KINDS {
+        match ip_in(netns, &["-batch", "-"], Some(&spec.batch(kind))) {
+            Ok(_) => return Ok(kind),
+            Err(e) => {
+                let _ = delete(netns, &spec.ifname);
+                let missing_driver = matches!(&e,
+                    PodLinkError::Ip { stderr, .. } if stderr.contains("Unknown device type"));
+                if !missing_driver {
+                    return Err(e);
+                }
+                last = Some(e);
+            }
+        }
     }
-    r
+    Err(last.unwrap_or(PodLinkError::Exists {
+        netns: netns.into(),
+        ifname: spec.ifname.clone(),
+    }))
 }
 
 /// Deletes `ifname` from `netns`; a namespace or link already gone is fine.
@@ -310,8 +339,9 @@ mod tests {
             ],
         };
         assert_eq!(
-            spec.batch(),
+            spec.batch("dummy"),
             "link add name eth0 address 02:00:00:00:00:05 mtu 1450 type dummy\n\
+             link set dev eth0 arp on\n\
              address add 10.1.0.5/24 dev eth0\n\
              address add fd00::5/64 dev eth0 nodad\n\
              link set dev eth0 up\n\

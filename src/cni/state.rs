@@ -250,6 +250,13 @@ pub struct PodLinkState {
     pub netns: PathBuf,
     /// Link name (`CNI_IFNAME`).
     pub ifname: String,
+    /// Link kind (`dummy`, or `ifb` on kernels without the dummy driver).
+    #[serde(default = "default_link_kind")]
+    pub kind: String,
+}
+
+fn default_link_kind() -> String {
+    "dummy".into()
 }
 
 /// A port on the node daemon.

@@ -230,6 +230,12 @@ pub struct GuestOpts {
     /// For vhost-user: QEMU listens on the socket (`server=on,wait=off`) and the backend
     /// connects (`vhost-pump --client`), as with Kata Dragonball. `reconnect` is then unused.
     pub vhost_user_server: bool,
+    /// For vhost-user: the netdev, device and memory arguments Kata runtime-go gives QEMU for a
+    /// vhost-user endpoint: guest memory `memory-backend-file` on /dev/shm with `share=on`,
+    /// `-chardev socket,id=char-..,path=..` (client, no reconnect), `-netdev
+    /// type=vhost-user,..,vhostforce` and `-device virtio-net-pci,netdev=..,mac=..` without
+    /// `mq`. The one difference: `vectors=0` on QEMU < 8 under TCG (see the module docs).
+    pub kata_go: bool,
     /// Serve QEMU's human monitor (HMP) on this Unix socket, for [`hmp`].
     pub monitor_socket: Option<PathBuf>,
     /// Allow memory hotplug up to this much memory (MiB), with 4 DIMM slots.
@@ -257,6 +263,7 @@ impl GuestOpts {
             kernel_args: Vec::new(),
             qemu_args: Vec::new(),
             vhost_user_server: false,
+            kata_go: false,
             monitor_socket: None,
             max_memory_mib: None,
             name: "guest".into(),
@@ -352,6 +359,21 @@ impl GuestOpts {
         push(&["-append", &cmdline.join(" ")]);
 
         match &self.net {
+            NetKind::VhostUser { socket, .. } if self.kata_go => {
+                push(&[
+                    "-object",
+                    &format!("memory-backend-file,id=dimm1,size={mem}M,mem-path=/dev/shm,share=on"),
+                ]);
+                push(&["-numa", "node,memdev=dimm1"]);
+                push(&[
+                    "-chardev",
+                    &format!("socket,id=char-vp0,path={}", socket.display()),
+                ]);
+                push(&[
+                    "-netdev",
+                    "type=vhost-user,id=net-vp0,chardev=char-vp0,vhostforce",
+                ]);
+            }
             NetKind::VhostUser {
                 socket,
                 queues: _,
@@ -390,7 +412,8 @@ impl GuestOpts {
             }
         }
 
-        let mut device = format!("virtio-net-pci,netdev=n0,mac={}", self.mac);
+        let netdev = if self.kata_go { "net-vp0" } else { "n0" };
+        let mut device = format!("virtio-net-pci,netdev={netdev},mac={}", self.mac);
         if pairs > 1 {
             device.push_str(",mq=on");
         }
