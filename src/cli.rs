@@ -36,6 +36,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Keep the ports added with `ctl add` in FILE (rewritten on every add and remove) and
+    /// start them again when the daemon restarts: the node daemon's memory of its pods.
+    #[arg(long, value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics over HTTP on HOST:PORT (or unix:PATH).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,

@@ -147,6 +147,11 @@ impl DaemonConfig {
         })
     }
 
+    /// The file text for these ports (what [`DaemonConfig::parse`] reads back).
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|e| e.to_string())
+    }
+
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: DaemonConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {

@@ -81,7 +81,7 @@ impl Response {
 /// Carries out one request against the registry.
 pub fn handle(registry: &PortRegistry, req: Request) -> Response {
     match req {
-        Request::Add { port } => match registry.add(port) {
+        Request::Add { port } => match registry.add_remembered(port) {
             Ok(()) => Response::ok(),
             Err(e) => Response::error(e),
         },

@@ -55,7 +55,10 @@ fn main() -> ExitCode {
             Ok(c) => c.port,
             Err(e) => return usage_error(&e.to_string()),
         },
-        None if args.port.socket.is_none() && args.control.is_none() => {
+        None if args.port.socket.is_none()
+            && args.control.is_none()
+            && args.state_file.is_none() =>
+        {
             return usage_error(
                 "one of --socket (with --tap or --af-packet) or --config is required",
             )
@@ -92,7 +95,10 @@ fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<
     if !args.no_sandbox {
         sandbox::enable();
     }
-    let registry = Arc::new(PortRegistry::default());
+    let registry = Arc::new(match &args.state_file {
+        Some(f) => PortRegistry::with_state_file(f),
+        None => PortRegistry::default(),
+    });
     let single = ports.len() == 1 && args.config.is_none();
     let mut started = 0;
     for spec in ports {
@@ -103,6 +109,24 @@ fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<
             Err(e) if single => return Err(e.into()),
             // From a config file, a broken port must not keep its neighbours down.
             Err(e) => tracing::error!(port = %name, error = %e, "port not started"),
+        }
+    }
+    // Ports added at run time before a restart come back (a broken one is logged and dropped).
+    if let Some(f) = args.state_file.as_ref().filter(|f| f.exists()) {
+        let remembered = DaemonConfig::load(f).with_context(|| {
+            format!(
+                "state file {} (move it away to start without its ports)",
+                f.display()
+            )
+        })?;
+        for (name, r) in registry.restore(remembered.port) {
+            match r {
+                Ok(()) => {
+                    started += 1;
+                    tracing::info!(port = %name, "port restored from the state file");
+                }
+                Err(e) => tracing::error!(port = %name, error = %e, "remembered port not restored"),
+            }
         }
     }
     if started == 0 && args.control.is_none() {

@@ -322,6 +322,7 @@ mod tests {
             name: "vm0".into(),
             socket: "/s".into(),
             connected: true,
+            started_ns: 0,
             acked_features: 0,
             queues: vec![QueuePairStats {
                 rx: d(5),
@@ -357,6 +358,7 @@ mod tests {
             name: name.into(),
             socket: "/s".into(),
             connected: false,
+            started_ns: 0,
             acked_features: 0,
             queues: Vec::new(),
             af_packet,

@@ -1,11 +1,11 @@
 //! The ports one daemon serves: each is a host port, a device and a serving thread, started
 //! and stopped independently so that one port's failure or removal never touches the others.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -57,6 +57,14 @@ pub enum PortError {
         /// What went wrong.
         message: String,
     },
+    /// The state file (`--state-file`) could not be written.
+    #[error("cannot write state file {path}: {message}")]
+    StateFile {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The serving thread could not start.
     #[error("cannot start the serving thread: {0}")]
     Thread(std::io::Error),
@@ -71,6 +79,7 @@ pub struct RunningPort {
     ctl: Arc<ServeControl>,
     listener_fd: Option<RawFd>,
     thread: Option<JoinHandle<()>>,
+    started_ns: u64,
 }
 
 impl RunningPort {
@@ -136,6 +145,9 @@ impl RunningPort {
             ctl,
             listener_fd,
             thread: Some(thread),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
         })
     }
 
@@ -197,6 +209,7 @@ impl RunningPort {
             name: self.spec.name.clone(),
             socket: self.spec.socket.display().to_string(),
             connected: self.ctl.connected(),
+            started_ns: self.started_ns,
             acked_features: self.backend.acked_features_now(),
             queues: self
                 .backend
@@ -273,6 +286,11 @@ pub struct PortStats {
     pub socket: String,
     /// A frontend is connected.
     pub connected: bool,
+    /// When this instance of the port started (nanoseconds since the epoch): a different value
+    /// under the same name means the port was re-created, e.g. by a daemon restart, and the
+    /// frontend's connection of before is gone.
+    #[serde(default)]
+    pub started_ns: u64,
     /// Virtio features the guest acked in the current session.
     pub acked_features: u64,
     /// Per queue pair.
@@ -286,9 +304,90 @@ pub struct PortStats {
 #[derive(Default)]
 pub struct PortRegistry {
     ports: Mutex<BTreeMap<String, RunningPort>>,
+    remembered: Mutex<Option<Remembered>>,
+}
+
+/// The ports added at run time (`ctl add`) that a restarted daemon starts again, and the file
+/// that keeps them (`--state-file`).
+struct Remembered {
+    path: PathBuf,
+    names: BTreeSet<String>,
 }
 
 impl PortRegistry {
+    /// A registry that keeps the ports added with [`PortRegistry::add_remembered`] in `path`
+    /// (a `--config` file of `[[port]]` tables, rewritten atomically on every change).
+    pub fn with_state_file(path: &Path) -> Self {
+        PortRegistry {
+            remembered: Mutex::new(Some(Remembered {
+                path: path.into(),
+                names: BTreeSet::new(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Starts a port and, with a state file, remembers it across daemon restarts.
+    pub fn add_remembered(&self, spec: PortSpec) -> Result<(), PortError> {
+        let name = spec.name.clone();
+        self.add(spec)?;
+        let remembered = self.remember(|names| {
+            names.insert(name.clone());
+        });
+        if remembered.is_err() {
+            // A port that would not come back after a restart is refused, not half-kept.
+            let _ = self.remove(&name);
+        }
+        remembered
+    }
+
+    /// Starts the ports a state file kept; the file is rewritten once at the end, without the
+    /// ports that failed (so a crash while restoring loses nothing).
+    pub fn restore(&self, specs: Vec<PortSpec>) -> Vec<(String, Result<(), PortError>)> {
+        let results: Vec<_> = specs
+            .into_iter()
+            .map(|spec| (spec.name.clone(), self.add(spec)))
+            .collect();
+        let ok: Vec<String> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(n, _)| n.clone())
+            .collect();
+        if let Err(e) = self.remember(|names| names.extend(ok)) {
+            tracing::error!(error = %e, "state file not rewritten");
+        }
+        results
+    }
+
+    fn remember(&self, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), PortError> {
+        let mut guard = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = guard.as_mut() else {
+            return Ok(());
+        };
+        change(&mut r.names);
+        let specs: Vec<PortSpec> = {
+            let ports = self.lock();
+            r.names.retain(|n| ports.contains_key(n));
+            r.names
+                .iter()
+                .filter_map(|n| ports.get(n))
+                .map(|p| p.spec.clone())
+                .collect()
+        };
+        let text = crate::config::DaemonConfig { port: specs }
+            .to_toml()
+            .map_err(|message| PortError::StateFile {
+                path: r.path.display().to_string(),
+                message,
+            })?;
+        crate::cni::state::write_atomic(&r.path, text.as_bytes(), 0o600).map_err(|e| {
+            PortError::StateFile {
+                path: r.path.display().to_string(),
+                message: e.to_string(),
+            }
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPort>> {
         self.ports.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -330,7 +429,9 @@ impl PortRegistry {
             .ok_or_else(|| PortError::NotFound(name.into()))?;
         port.stop();
         tracing::info!(port = name, "port removed");
-        Ok(())
+        self.remember(|names| {
+            names.remove(name);
+        })
     }
 
     /// The specifications of all ports.
@@ -462,6 +563,7 @@ mod tests {
             name: "vm0".into(),
             socket: "/s".into(),
             connected: false,
+            started_ns: 0,
             acked_features: 0,
             queues: Vec::new(),
             af_packet,

@@ -1514,18 +1514,25 @@ fn node_daemon_serves_two_pods() {
     let w = World::new("node", 10);
     let control = w.dir.path().join("node.sock");
     let metrics = w.dir.path().join("metrics.sock");
-    let mut daemon = Command::new("ip")
-        .args(["netns", "exec", &w.ns, DAEMON, "--control"])
-        .arg(&control)
-        .arg("--metrics")
-        .arg(format!("unix:{}", metrics.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the node daemon", Duration::from_secs(10), || {
-        UnixStream::connect(&control).is_ok() && metrics.exists()
-    });
+    let state_file = w.dir.path().join("node-ports.toml");
+    let start_daemon = || {
+        let d = Command::new("ip")
+            .args(["netns", "exec", &w.ns, DAEMON, "--control"])
+            .arg(&control)
+            .arg("--metrics")
+            .arg(format!("unix:{}", metrics.display()))
+            .arg("--state-file")
+            .arg(&state_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the node daemon", Duration::from_secs(10), || {
+            UnixStream::connect(&control).is_ok() && UnixStream::connect(&metrics).is_ok()
+        });
+        d
+    };
+    let mut daemon = start_daemon();
     let conf = w.go_conf(json!({"daemon": {"control": control}}));
     // STATUS sees the daemon.
     let status = w.run_raw(
@@ -1616,8 +1623,29 @@ fn node_daemon_serves_two_pods() {
         w.run_in("CHECK", name_b, "eth0", &check, netns_b).ok(),
         None
     );
+
+    // The node daemon restarts (an upgrade): the remembered port comes back, the deleted one
+    // does not; pod b's QEMU cannot reconnect, and CHECK says so.
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    daemon = start_daemon();
+    let names: Vec<String> = node_request(&control, &json!({"op": "list"}))["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, [ports[1].clone()], "restored ports");
+    let lost = w.run_in("CHECK", name_b, "eth0", &check, netns_b);
+    lost.fails_with(105);
+    assert!(lost.stdout.contains("does not reconnect"), "{lost:?}");
     drop(vms);
     assert_eq!(w.run_in("DEL", name_b, "eth0", &conf, netns_b).ok(), None);
+    assert!(
+        !fs::read_to_string(&state_file).unwrap().contains("cni-"),
+        "DEL left the port in the state file"
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
     w.assert_clean();

@@ -184,7 +184,23 @@ pub fn ensure_bridge(name: &str, mtu: Option<u16>) -> Result<(), HostPortError> 
             }
         }
     }
+    pin_mac(name)?;
     ip(&["link", "set", "dev", name, "up"]).map(drop)
+}
+
+/// Gives bridge `name` its current MAC as a set address, unless it has one. A bridge whose
+/// address was never set takes the lowest MAC of its ports and changes it as pods come and go;
+/// every guest's ARP entry for the gateway would then go stale each time a pod leaves.
+fn pin_mac(name: &str) -> Result<(), HostPortError> {
+    // addr_assign_type 3: NET_ADDR_SET (someone set it; leave it alone).
+    let kind = std::fs::read_to_string(format!("/sys/class/net/{name}/addr_assign_type"));
+    if kind.is_ok_and(|k| k.trim() == "3") {
+        return Ok(());
+    }
+    let Some(mac) = link(name)?.and_then(|l| l.mac) else {
+        return Ok(());
+    };
+    ip(&["link", "set", "dev", name, "address", &mac]).map(drop)
 }
 
 /// Puts `addr` (gateway address with the subnet's prefix) on `bridge` unless present, and

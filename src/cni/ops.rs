@@ -290,6 +290,7 @@ fn add_steps(
             st.node_port = Some(NodePortState {
                 control: node.control.clone(),
                 name: name.clone(),
+                started_ns: None,
             });
             st.save(&paths.state)?;
             let spec = PortSpec {
@@ -311,7 +312,14 @@ fn add_steps(
                 socket_group: conf.perms.gid.map(|g| g.to_string()),
                 socket_mode: Some(format!("{:04o}", conf.perms.mode)),
             };
+            let port_name = spec.name.clone();
             nodedaemon::add(&node.control, spec, conf.ready_timeout)?;
+            let started = nodedaemon::stats(&node.control, &port_name, conf.ready_timeout)?
+                .map(|s| s.started_ns);
+            if let Some(n) = st.node_port.as_mut() {
+                n.started_ns = started;
+            }
+            st.save(&paths.state)?;
         }
         (None, Some(daemon)) => start_sidecar(conf, paths, daemon, st, &port, mtu, supervisor)?,
         (None, None) => {
@@ -541,6 +549,7 @@ fn teardown(
         None => conf.daemon.as_ref().map(|d| NodePortState {
             control: d.control.clone(),
             name: nodedaemon::port_name(&paths.key),
+            started_ns: None,
         }),
     };
     match node_port {
@@ -730,7 +739,15 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                     ""
                 }
             )),
-            Ok(Some(_)) => {}
+            Ok(Some(s)) => {
+                let recreated = n.started_ns.is_some_and(|t| t != s.started_ns);
+                if st.kata == KataRuntime::Go && recreated && !s.connected {
+                    problems.push(no_reconnect(format!(
+                        "the node daemon re-created port {}",
+                        n.name
+                    )));
+                }
+            }
         },
         None => {
             let live = sidecar::liveness(&paths, &st.socket_path);

@@ -267,6 +267,10 @@ pub struct NodePortState {
     pub control: PathBuf,
     /// The port's name there.
     pub name: String,
+    /// When the daemon started the port (its `started_ns`): another value later means the port
+    /// was re-created (daemon restart) and the frontend's old connection is gone.
+    #[serde(default)]
+    pub started_ns: Option<u64>,
 }
 
 impl AttachmentState {
