@@ -528,6 +528,14 @@ fn node_daemon_runs_a_valid_command_line_with_the_host_paths_it_needs() {
         args.port.socket.is_none() && args.config.is_none(),
         "ports come from the plugin"
     );
+    // A restarted daemon must serve the node's pods again: their ports are remembered on the
+    // host (a mounted path, so the file outlives the container).
+    let state = args.state_file.expect("--state-file");
+    assert!(
+        state.starts_with("/run/vhost-pump"),
+        "--state-file {} is not on the host's /run/vhost-pump",
+        state.display()
+    );
 
     // Every conflist in node-daemon mode talks to this control socket.
     for (name, list) in conflists() {
