@@ -579,6 +579,7 @@ mod tests {
                 "name": "vm0",
                 "socket": "/s",
                 "connected": false,
+                "started_ns": 0,
                 "acked_features": 0,
                 "queues": [],
             })

@@ -1650,3 +1650,72 @@ fn node_daemon_serves_two_pods() {
     let _ = daemon.wait();
     w.assert_clean();
 }
+
+#[test]
+fn kata_go_leaves_what_is_not_its_own() {
+    if !can_run("kata_go_leaves_what_is_not_its_own") {
+        return;
+    }
+    let w = World::new("own", 12);
+    // host-local hands out .2 first from a fresh data directory (one per step: it moves on
+    // after a release).
+    let conf_in = |dir: &str| {
+        let mut c = w.go_conf(json!({}));
+        c["ipam"]["dataDir"] = json!(w.dir.path().join(dir));
+        c
+    };
+    let kata_dir = PathBuf::from("/tmp/vhostuser_10.123.12.2");
+    for e in fs::read_dir("/tmp").unwrap().filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().starts_with("vhostuser_10.123.12.") {
+            let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+        }
+    }
+
+    // 1. The pod netns already has the interface: refused, and that link survives.
+    let pod = w.pod_netns("own-pod");
+    let netns = format!("/run/netns/{pod}");
+    w.pod_ip(
+        &pod,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ],
+    );
+    let r = w.run_in("ADD", "own1", "eth0", &conf_in("ipam1"), &netns);
+    r.fails_with(106);
+    let v: Value =
+        serde_json::from_str(&w.pod_ip(&pod, &["-j", "-d", "link", "show", "dev", "eth0"]))
+            .unwrap();
+    assert_eq!(
+        v[0]["linkinfo"]["info_kind"], "veth",
+        "someone else's eth0 was touched"
+    );
+    w.pod_ip(&pod, &["link", "del", "eth0"]);
+
+    // 2. Another backend listens where Kata would look: refused, and it keeps its socket.
+    fs::create_dir_all(&kata_dir).unwrap();
+    let other = UnixListener::bind(kata_dir.join("vhu.sock")).unwrap();
+    let r = w.run_in("ADD", "own2", "eth0", &conf_in("ipam2"), &netns);
+    r.fails_with(104);
+    assert!(
+        kata_dir.join("vhu.sock").exists(),
+        "another backend's socket was removed"
+    );
+    drop(other);
+    fs::remove_dir_all(&kata_dir).unwrap();
+
+    // 3. A squatter's symlink in /tmp is replaced, never followed.
+    let target = w.dir.path().join("squatted");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("keep"), b"x").unwrap();
+    std::os::unix::fs::symlink(&target, &kata_dir).unwrap();
+    let conf = conf_in("ipam3");
+    let r = w.run_in("ADD", "own3", "eth0", &conf, &netns).ok().unwrap();
+    let socket = guest_iface(&r)["socketPath"].as_str().unwrap().to_string();
+    assert_eq!(socket, kata_dir.join("vhu.sock").to_string_lossy());
+    let md = fs::symlink_metadata(&kata_dir).unwrap();
+    assert!(md.is_dir() && !md.file_type().is_symlink());
+    assert!(target.join("keep").exists(), "the symlink was followed");
+    assert!(!target.join("vhu.sock").exists());
+    assert_eq!(w.run_in("DEL", "own3", "eth0", &conf, &netns).ok(), None);
+    w.assert_clean();
+}

@@ -246,10 +246,29 @@ fn add_steps(
                 )
             })?;
         let socket = podlink::kata_socket_path(ip);
+        let netns = PathBuf::from(env.netns.clone().unwrap_or_default());
+        // Refuse what is someone else's before recording it as ours (a teardown removes what
+        // the state names).
+        if served(&socket) {
+            return Err(CniError::new(
+                code::ALREADY_EXISTS,
+                format!(
+                    "{} is already served by another backend (an attachment of another network \
+                     with the same address?)",
+                    socket.display()
+                ),
+            ));
+        }
+        if podlink::inspect(&netns, &st.ifname)?.is_some() {
+            return Err(podlink::PodLinkError::Exists {
+                netns,
+                ifname: st.ifname.clone(),
+            }
+            .into());
+        }
         paths.socket_dir = socket.parent().map(Path::to_path_buf).unwrap_or_default();
         paths.socket = socket.clone();
         st.socket_path = socket;
-        let netns = PathBuf::from(env.netns.clone().unwrap_or_default());
         st.pod_link = Some(PodLinkState {
             netns: netns.clone(),
             ifname: st.ifname.clone(),
@@ -426,6 +445,12 @@ fn start_sidecar(
     Ok(())
 }
 
+/// Whether a backend serves `socket`: connecting works (a listener in any network namespace),
+/// or this namespace's socket table shows a listener (one that stopped accepting).
+fn served(socket: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok() || sockstate::of(socket).listening
+}
+
 /// Makes the directory that holds only the socket. Server mode: readable by the VMM's user
 /// (0755 under `socketDir`; 0700 under /tmp for Kata runtime-go, opened to `socketOwner` and
 /// `socketGroup` when given). Client mode: also writable by it, so the VMM can create its
@@ -448,7 +473,7 @@ fn make_socket_dir(conf: &NetConf, paths: &AttachmentPaths) -> Result<(), CniErr
     // is removed, never followed.
     if let Ok(md) = fs::symlink_metadata(dir) {
         let sock = dir.join(paths.socket.file_name().unwrap_or_default());
-        if md.is_dir() && sockstate::of(&sock).listening {
+        if md.is_dir() && served(&sock) {
             return Err(CniError::new(
                 code::ALREADY_EXISTS,
                 format!(
