@@ -1666,7 +1666,10 @@ fn kata_go_leaves_what_is_not_its_own() {
     };
     let kata_dir = PathBuf::from("/tmp/vhostuser_10.123.12.2");
     for e in fs::read_dir("/tmp").unwrap().filter_map(|e| e.ok()) {
-        if e.file_name().to_string_lossy().starts_with("vhostuser_10.123.12.") {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("vhostuser_10.123.12.")
+        {
             let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
         }
     }
