@@ -65,6 +65,9 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
         libc::SYS_poll,
         libc::SYS_ppoll,
         libc::SYS_eventfd2,
+        // The AF_PACKET queue's recheck timer (armed after busy drains).
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
         libc::SYS_epoll_create1,
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,

@@ -13,6 +13,7 @@ use vhost_net_backend::features::MAX_GSO_FRAME;
 use vhost_net_backend::{HostQueue, TxDrops};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::cursor::RxCursor;
 use super::frame::{
@@ -28,6 +29,11 @@ use super::{AfPacketCounters, Link, Shared, RX_RING, TX_RING, TX_STALL};
 /// Epoll tokens of the queue's private set.
 const TOKEN_SOCKET: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
+/// A drain that delivered at least this many frames arms the recheck timer (any frame: the
+/// lost wake-up was seen after small drains too).
+const RECHECK_AFTER: u32 = 1;
+/// How long after such a drain the ring is looked at once more, wake-up or not.
+const RECHECK_DELAY: Duration = Duration::from_millis(2);
 /// How far consumption may run ahead of an unfilled slot.
 const MAX_AHEAD: usize = RX_RING.frame_nr() / 2;
 /// How many slots past an empty one are checked for frames filled out of order (by other CPUs).
@@ -76,6 +82,10 @@ pub struct AfPacketQueue {
     /// doorbell, so the socket can be replaced under an unchanged fd.
     ep: Epoll,
     wake: EventFd,
+    /// Looks at the ring once more after a busy drain (see [`AfPacketQueue::recv`]).
+    recheck: TimerFd,
+    /// Frames delivered since the ring was last found empty.
+    drained: u32,
     /// A transmit timed out and nothing got through since: don't wait again.
     tx_stalled: bool,
     /// Where a frame too large for an RX slot is read from the socket's queue.
@@ -101,6 +111,7 @@ impl AfPacketQueue {
             EpollEvent::new(EventSet::IN, TOKEN_WAKE),
         )
         .map_err(setup("epoll_ctl"))?;
+        let recheck = TimerFd::new().map_err(|e| setup("timerfd_create")(e.into()))?;
         Ok(AfPacketQueue {
             pair,
             shared,
@@ -111,6 +122,8 @@ impl AfPacketQueue {
             late: TxDrops::default(),
             ep,
             wake,
+            recheck,
+            drained: 0,
             tx_stalled: false,
             bounce: vec![0; RX_BOUNCE].into_boxed_slice(),
             last_stats: Instant::now(),
@@ -518,6 +531,10 @@ impl HostQueue for AfPacketQueue {
         self.ep.as_raw_fd()
     }
 
+    fn recheck_fd(&self) -> Option<RawFd> {
+        Some(self.recheck.as_raw_fd())
+    }
+
     unsafe fn recv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         loop {
             let sock = &self.sock;
@@ -534,6 +551,15 @@ impl HostQueue for AfPacketQueue {
                 if self.poll_events() {
                     continue;
                 }
+                // After a drain that found frames, look again shortly whether or not a wake-up
+                // comes. Under overload Linux 6.18 was seen to leave frames in the ring, the
+                // private epoll set readable, and no edge reaching the worker's set (which
+                // nests it); a ring left full that way would never wake anyone again. The
+                // timer sits in the worker's set directly (`recheck_fd`), and re-arming it
+                // resets its expiry count. Idle queues never arm it.
+                if std::mem::take(&mut self.drained) >= RECHECK_AFTER {
+                    let _ = self.recheck.reset(RECHECK_DELAY, None);
+                }
                 return Err(io::ErrorKind::WouldBlock.into());
             };
             let frame = self.sock.rx_frame(slot);
@@ -546,7 +572,10 @@ impl HostQueue for AfPacketQueue {
                 unsafe { status(frame) }.store(libc::TP_STATUS_KERNEL, Release);
             }
             match r {
-                Rx::Frame(len) => return Ok(len),
+                Rx::Frame(len) => {
+                    self.drained = self.drained.saturating_add(1);
+                    return Ok(len);
+                }
                 Rx::Skip => continue,
                 Rx::Drop => return Err(io::ErrorKind::InvalidInput.into()),
             }

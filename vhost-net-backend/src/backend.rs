@@ -145,6 +145,12 @@ impl NetBackend {
             handler
                 .register_listener(w.host_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED, token)
                 .map_err(|source| BackendError::Register { pair, source })?;
+            // Same token: a recheck is handled like a receive event.
+            if let Some(fd) = w.host_recheck_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, token)
+                    .map_err(|source| BackendError::Register { pair, source })?;
+            }
         }
         Ok(())
     }

@@ -15,6 +15,14 @@ pub trait HostQueue: Send {
     /// edge-triggered, so `recv` is called until it returns `WouldBlock`.
     fn rx_fd(&self) -> RawFd;
 
+    /// A second fd, registered edge-triggered on its own (never nested in another epoll set),
+    /// that becomes readable when the queue wants `recv` called again although `rx_fd` may
+    /// report nothing. A port whose `rx_fd` is a nested epoll set arms it after busy drains:
+    /// edges of nested sets have been seen lost under overload. Default: none.
+    fn recheck_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// Reads one frame, virtio-net header first, into `iov`. Returns its length (header included),
     /// or `WouldBlock` when no frame waits. A frame that does not fit must be dropped and reported
     /// as an error of kind `InvalidInput`, never truncated.

@@ -109,6 +109,11 @@ impl QueuePairWorker {
         self.port.rx_fd()
     }
 
+    /// The host queue's recheck fd, if it has one (see [`crate::HostQueue::recheck_fd`]).
+    pub fn host_recheck_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.port.recheck_fd()
+    }
+
     /// Forgets the previous frontend's session.
     pub fn reset(&mut self) {
         self.rx_bufs.clear();
