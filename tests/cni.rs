@@ -173,6 +173,36 @@ fn can_run(test: &str) -> bool {
     }
 }
 
+/// Runs `ip -n NS ARGS` and returns its output; fails the test if `ip` fails.
+#[track_caller]
+fn ip_in(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`can_run`], for tests that also boot a QEMU guest.
+fn can_boot(test: &str) -> bool {
+    if !can_run(test) {
+        return false;
+    }
+    match guest::missing_prereqs() {
+        Some(why) => {
+            guest::skip_or_fail(test, &why);
+            false
+        }
+        None => true,
+    }
+}
+
 /// Pids of processes whose command line contains `needle`.
 fn procs_with(needle: &str) -> Vec<u32> {
     let me = std::process::id();
@@ -284,17 +314,7 @@ impl World {
 
     /// Runs `ip -n pod ARGS`.
     fn pod_ip(&self, pod: &str, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["-n", pod])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip -n {pod} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        ip_in(pod, args)
     }
 
     /// A Kata runtime-go + QEMU network configuration (tap on the bridge), `extra` merged in.
@@ -351,17 +371,7 @@ impl World {
     }
 
     fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.ns])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        ip_in(&self.ns, args)
     }
 
     /// Link names in the netns.
@@ -1241,11 +1251,7 @@ fn guest_iperf(w: &World, vm: &mut QemuGuest, server: &str) -> f64 {
 #[test]
 fn kata_go_qemu_finds_link_and_socket_and_pings_the_gateway() {
     let test = "kata_go_qemu_finds_link_and_socket_and_pings_the_gateway";
-    if !can_run(test) {
-        return;
-    }
-    if let Some(why) = guest::missing_prereqs() {
-        guest::skip_or_fail(test, &why);
+    if !can_boot(test) {
         return;
     }
     let w = World::new("go", 9);
@@ -1394,11 +1400,7 @@ fn kata_go_ipv6_only() {
 #[test]
 fn kata_rs_qemu_listens_and_the_backend_dials() {
     let test = "kata_rs_qemu_listens_and_the_backend_dials";
-    if !can_run(test) {
-        return;
-    }
-    if let Some(why) = guest::missing_prereqs() {
-        guest::skip_or_fail(test, &why);
+    if !can_boot(test) {
         return;
     }
     let w = World::new("vm", 8);
@@ -1504,11 +1506,7 @@ fn metrics_text(sock: &Path) -> String {
 #[test]
 fn node_daemon_serves_two_pods() {
     let test = "node_daemon_serves_two_pods";
-    if !can_run(test) {
-        return;
-    }
-    if let Some(why) = guest::missing_prereqs() {
-        guest::skip_or_fail(test, &why);
+    if !can_boot(test) {
         return;
     }
     let w = World::new("node", 10);

@@ -249,16 +249,7 @@ fn add_steps(
         let netns = PathBuf::from(env.netns.clone().unwrap_or_default());
         // Refuse what is someone else's before recording it as ours (a teardown removes what
         // the state names).
-        if served(&socket) {
-            return Err(CniError::new(
-                code::ALREADY_EXISTS,
-                format!(
-                    "{} is already served by another backend (an attachment of another network \
-                     with the same address?)",
-                    socket.display()
-                ),
-            ));
-        }
+        refuse_if_served(&socket)?;
         if podlink::inspect(&netns, &st.ifname)?.is_some() {
             return Err(podlink::PodLinkError::Exists {
                 netns,
@@ -445,10 +436,22 @@ fn start_sidecar(
     Ok(())
 }
 
-/// Whether a backend serves `socket`: connecting works (a listener in any network namespace),
-/// or this namespace's socket table shows a listener (one that stopped accepting).
-fn served(socket: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(socket).is_ok() || sockstate::of(socket).listening
+/// Refuses `socket` when a backend serves it: connecting works (a listener in any network
+/// namespace), or this namespace's socket table shows a listener (one that stopped accepting).
+fn refuse_if_served(socket: &Path) -> Result<(), CniError> {
+    let served =
+        std::os::unix::net::UnixStream::connect(socket).is_ok() || sockstate::of(socket).listening;
+    if !served {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::ALREADY_EXISTS,
+        format!(
+            "{} is already served by another backend (an attachment of another network with \
+             the same address?)",
+            socket.display()
+        ),
+    ))
 }
 
 /// Makes the directory that holds only the socket. Server mode: readable by the VMM's user
@@ -473,15 +476,8 @@ fn make_socket_dir(conf: &NetConf, paths: &AttachmentPaths) -> Result<(), CniErr
     // is removed, never followed.
     if let Ok(md) = fs::symlink_metadata(dir) {
         let sock = dir.join(paths.socket.file_name().unwrap_or_default());
-        if md.is_dir() && served(&sock) {
-            return Err(CniError::new(
-                code::ALREADY_EXISTS,
-                format!(
-                    "{} is already served by another backend (an attachment of another network \
-                     with the same address?)",
-                    sock.display()
-                ),
-            ));
+        if md.is_dir() {
+            refuse_if_served(&sock)?;
         }
         let r = if md.is_dir() {
             fs::remove_dir_all(dir)
