@@ -218,6 +218,9 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to take the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Listen backlog of a TCP metrics endpoint.
+const TCP_BACKLOG: libc::c_int = 1024;
+
 const LIMITS: Limits = Limits {
     max_conns: MAX_CONNS,
     read_timeout: READ_TIMEOUT,
@@ -245,7 +248,19 @@ pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError
                 .map_err(|e| err(std::io::Error::other(e.to_string())))?;
             Bound::Unix(l)
         }
-        None => Bound::Tcp(std::net::TcpListener::bind(addr).map_err(err)?),
+        None => {
+            use std::os::fd::AsRawFd;
+            let l = std::net::TcpListener::bind(addr).map_err(err)?;
+            // std listens with a backlog of 128: a burst of connections arriving while this
+            // thread waits for a CPU overflows it and costs each client a 1 s SYN
+            // retransmission. Listening again only changes the backlog (the kernel caps it at
+            // net.core.somaxconn; a Unix socket gets that cap from std already).
+            // SAFETY: listen on the listener's own open fd; it takes plain integers.
+            if unsafe { libc::listen(l.as_raw_fd(), TCP_BACKLOG) } != 0 {
+                return Err(err(std::io::Error::last_os_error()));
+            }
+            Bound::Tcp(l)
+        }
     };
     match &bound {
         Bound::Tcp(l) => l.set_nonblocking(true),
