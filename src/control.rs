@@ -9,18 +9,32 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 
 use crate::config::PortSpec;
+use crate::endpoint::{self, Limits, Slot};
 use crate::ports::{PortRegistry, PortStats};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
-/// Most control connections served at once.
-const MAX_CLIENTS: usize = 16;
+/// Most control connections open at once.
+pub const MAX_CONNS: usize = 16;
+/// How long a client has to send each request (an idle connection is closed after this).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to take each response.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const LIMITS: Limits = Limits {
+    max_conns: MAX_CONNS,
+    read_timeout: READ_TIMEOUT,
+    write_timeout: WRITE_TIMEOUT,
+};
+
+/// Sent to a connection turned away because every connection is busy.
+const REFUSAL: &[u8] = b"{\"ok\":false,\"error\":\"too many control connections; try again\"}\n";
 
 /// A control request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,7 +117,9 @@ pub fn handle(registry: &PortRegistry, req: Request) -> Response {
     }
 }
 
-/// Binds the control socket (mode 0600) and serves it from a background thread.
+/// Binds the control socket (mode 0600) and serves it from a background thread, within
+/// [`MAX_CONNS`] connections and the [`READ_TIMEOUT`] / [`WRITE_TIMEOUT`] a client gets (see
+/// [`crate::endpoint`]).
 pub fn spawn(path: &Path, registry: Arc<PortRegistry>) -> Result<(), crate::server::ServerError> {
     use std::os::unix::fs::PermissionsExt;
     let listener = crate::server::bind(path)?;
@@ -144,45 +160,64 @@ async fn serve(listener: std::os::unix::net::UnixListener, registry: Arc<PortReg
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            // Too many clients: drop the connection rather than queue without bound.
-            continue;
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let (rd, mut wr) = stream.into_split();
-            let mut lines = AsyncBufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let resp = if line.len() > MAX_REQUEST {
-                    Response::error(format!("request longer than {MAX_REQUEST} bytes"))
-                } else {
-                    match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => {
-                            let r = registry.clone();
-                            tokio::task::spawn_blocking(move || handle(&r, req))
-                                .await
-                                .unwrap_or_else(Response::error)
-                        }
-                        Err(e) => Response::error(format!("bad request: {e}")),
-                    }
-                };
-                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                out.push(b'\n');
-                if wr.write_all(&out).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    let handler = move |stream, slot| session(stream, slot, registry.clone());
+    endpoint::serve("control", listener, LIMITS, REFUSAL, handler).await;
 }
 
-use tokio::io::AsyncReadExt as _;
+/// Serves one control connection: requests one per line, each answered before the next is read.
+async fn session(stream: tokio::net::UnixStream, slot: Slot, registry: Arc<PortRegistry>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = AsyncBufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
+    loop {
+        slot.waiting();
+        let line = match tokio::time::timeout(slot.limits().read_timeout, lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                slot.trouble("cannot read the request", Some(&e));
+                break;
+            }
+            Err(_) => {
+                slot.trouble("no request within the read timeout", None);
+                break;
+            }
+        };
+        slot.answering();
+        let resp = if line.len() > MAX_REQUEST {
+            Response::error(format!("request longer than {MAX_REQUEST} bytes"))
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let r = registry.clone();
+                    tokio::task::spawn_blocking(move || handle(&r, req))
+                        .await
+                        .unwrap_or_else(Response::error)
+                }
+                Err(e) => Response::error(format!("bad request: {e}")),
+            }
+        };
+        if let Some(e) = resp
+            .error
+            .as_deref()
+            .filter(|e| e.starts_with("bad request"))
+        {
+            slot.trouble("bad request", Some(&e));
+        }
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        match tokio::time::timeout(slot.limits().write_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                slot.trouble("cannot send the response", Some(&e));
+                break;
+            }
+            Err(_) => {
+                slot.trouble("response not taken within the write timeout", None);
+                break;
+            }
+        }
+    }
+}
 
 /// Sends one request to a daemon's control socket and returns its response.
 pub fn request(path: &Path, req: &Request) -> std::io::Result<Response> {

@@ -91,8 +91,64 @@ fn error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Raises the soft limit on open files to the hard limit. Services often start with a soft
+/// limit of 1024, which a busy daemon (sessions, guest memory regions, metrics and control
+/// clients) can reach; the hard limit is what the administrator actually allows.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE");
+        return;
+    }
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        // The kernel refuses more than fs.nr_open.
+        if let Some(n) = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|t| t.trim().parse::<libc::rlim_t>().ok())
+        {
+            target = n;
+        }
+    }
+    if lim.rlim_cur >= target {
+        tracing::debug!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            "RLIMIT_NOFILE kept"
+        );
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the rlimit we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, soft = lim.rlim_cur, wanted = target, "cannot raise RLIMIT_NOFILE");
+        return;
+    }
+    tracing::debug!(
+        soft = target,
+        was = lim.rlim_cur,
+        hard = lim.rlim_max,
+        "raised RLIMIT_NOFILE"
+    );
+}
+
 fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<()> {
-    if !args.no_sandbox {
+    raise_nofile_limit();
+    if args.no_sandbox {
+        tracing::warn!(
+            "--no-sandbox: port threads run without the seccomp filter and keep their capabilities"
+        );
+        sandbox::disable();
+    } else {
         sandbox::enable();
     }
     let registry = Arc::new(match &args.state_file {

@@ -5,7 +5,11 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::endpoint::{self, Limits, Slot};
 
 use crate::af_packet::{AfPacketSnapshot, LinkState};
 use crate::ports::{DirectionSnapshot, PortRegistry, PortStats};
@@ -207,7 +211,28 @@ pub struct MetricsError {
     source: std::io::Error,
 }
 
-/// Serves `GET /metrics` on `addr` from a background thread.
+/// Most metrics connections open at once.
+pub const MAX_CONNS: usize = 64;
+/// How long a client has to send its request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to take the response.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Listen backlog of a TCP metrics endpoint.
+const TCP_BACKLOG: libc::c_int = 1024;
+
+const LIMITS: Limits = Limits {
+    max_conns: MAX_CONNS,
+    read_timeout: READ_TIMEOUT,
+    write_timeout: WRITE_TIMEOUT,
+};
+
+/// Sent to a connection turned away because every connection is being answered.
+const REFUSAL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Serves `GET /metrics` on `addr` from a background thread, within [`MAX_CONNS`] connections
+/// and the [`READ_TIMEOUT`] / [`WRITE_TIMEOUT`] a client gets (see [`crate::endpoint`]).
 pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError> {
     let err = |source| MetricsError {
         addr: addr.into(),
@@ -223,7 +248,19 @@ pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError
                 .map_err(|e| err(std::io::Error::other(e.to_string())))?;
             Bound::Unix(l)
         }
-        None => Bound::Tcp(std::net::TcpListener::bind(addr).map_err(err)?),
+        None => {
+            use std::os::fd::AsRawFd;
+            let l = std::net::TcpListener::bind(addr).map_err(err)?;
+            // std listens with a backlog of 128: a burst of connections arriving while this
+            // thread waits for a CPU overflows it and costs each client a 1 s SYN
+            // retransmission. Listening again only changes the backlog (the kernel caps it at
+            // net.core.somaxconn; a Unix socket gets that cap from std already).
+            // SAFETY: listen on the listener's own open fd; it takes plain integers.
+            if unsafe { libc::listen(l.as_raw_fd(), TCP_BACKLOG) } != 0 {
+                return Err(err(std::io::Error::last_os_error()));
+            }
+            Bound::Tcp(l)
+        }
     };
     match &bound {
         Bound::Tcp(l) => l.set_nonblocking(true),
@@ -233,34 +270,38 @@ pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-            else {
-                return;
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics endpoint runtime failed");
+                    return;
+                }
             };
             rt.block_on(async move {
+                let r = registry;
+                let unusable = |e: std::io::Error| {
+                    tracing::error!(error = %e, "metrics endpoint unusable");
+                };
                 match bound {
-                    Bound::Tcp(l) => {
-                        let Ok(l) = tokio::net::TcpListener::from_std(l) else {
-                            return;
-                        };
-                        loop {
-                            if let Ok((s, _)) = l.accept().await {
-                                tokio::spawn(answer(s, registry.clone()));
-                            }
+                    Bound::Tcp(l) => match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            let h =
+                                move |c: tokio::net::TcpStream, slot| answer(c, slot, r.clone());
+                            endpoint::serve("metrics", l, LIMITS, REFUSAL, h).await;
                         }
-                    }
-                    Bound::Unix(l) => {
-                        let Ok(l) = tokio::net::UnixListener::from_std(l) else {
-                            return;
-                        };
-                        loop {
-                            if let Ok((s, _)) = l.accept().await {
-                                tokio::spawn(answer(s, registry.clone()));
-                            }
+                        Err(e) => unusable(e),
+                    },
+                    Bound::Unix(l) => match tokio::net::UnixListener::from_std(l) {
+                        Ok(l) => {
+                            let h =
+                                move |c: tokio::net::UnixStream, slot| answer(c, slot, r.clone());
+                            endpoint::serve("metrics", l, LIMITS, REFUSAL, h).await;
                         }
-                    }
+                        Err(e) => unusable(e),
+                    },
                 }
             });
         })
@@ -269,27 +310,34 @@ pub fn spawn(addr: &str, registry: Arc<PortRegistry>) -> Result<(), MetricsError
 }
 
 /// Answers one HTTP request: `/metrics` gets the counters, anything else a 404.
-async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
+    slot: Slot,
     registry: Arc<PortRegistry>,
 ) {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
-    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    let read = tokio::time::timeout(slot.limits().read_timeout, async {
         while n < buf.len() {
             match s.read(&mut buf[n..]).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => return Ok(()),
+                Err(e) => return Err(e),
                 Ok(k) => n += k,
             }
             if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
                 break;
             }
         }
+        Ok(())
     })
     .await;
-    if read.is_err() {
-        return;
+    match read {
+        Err(_) => return slot.trouble("no request within the read timeout", None),
+        Ok(Err(e)) => return slot.trouble("cannot read the request", Some(&e)),
+        Ok(Ok(())) if n == 0 => return,
+        Ok(Ok(())) => {}
     }
+    slot.answering();
     let head = String::from_utf8_lossy(&buf[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
@@ -301,8 +349,16 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = s.write_all(resp.as_bytes()).await;
-    let _ = s.shutdown().await;
+    let written = tokio::time::timeout(slot.limits().write_timeout, async {
+        s.write_all(resp.as_bytes()).await?;
+        s.shutdown().await
+    })
+    .await;
+    match written {
+        Err(_) => slot.trouble("response not taken within the write timeout", None),
+        Ok(Err(e)) => slot.trouble("cannot send the response", Some(&e)),
+        Ok(Ok(())) => {}
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,12 @@ pub enum PortError {
     /// The serving thread could not start.
     #[error("cannot start the serving thread: {0}")]
     Thread(std::io::Error),
+    /// The serving thread could not sandbox itself, so the port is not served.
+    #[error(
+        "cannot sandbox the port's thread ({0}); not serving it unsandboxed \
+         (--no-sandbox turns the sandbox off)"
+    )]
+    Sandbox(crate::sandbox::SandboxError),
 }
 
 /// A port being served.
@@ -113,15 +119,19 @@ impl RunningPort {
             spec.socket.clone(),
             spec.name.clone(),
         );
+        // The thread reports whether it could sandbox itself before it serves anything; one
+        // that could not ends there (fail closed), and so does the port's start.
+        let (sandboxed_tx, sandboxed_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("port-{}", spec.name))
             .spawn(move || {
                 let span = tracing::info_span!("port", name = %name);
                 let _g = span.enter();
-                if crate::sandbox::enabled() {
-                    if let Err(e) = crate::sandbox::restrict_current_thread() {
-                        tracing::error!(error = %e, "port not sandboxed");
-                    }
+                let sandboxed = crate::sandbox::enter();
+                let refused = sandboxed.is_err();
+                let _ = sandboxed_tx.send(sandboxed);
+                if refused {
+                    return;
                 }
                 match listener {
                     Some(l) => server::serve_listener(&l, &b, &c),
@@ -129,6 +139,20 @@ impl RunningPort {
                 }
             })
             .map_err(PortError::Thread)?;
+        let refused = match sandboxed_rx.recv() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(PortError::Sandbox(e)),
+            Err(_) => Some(PortError::Thread(std::io::Error::other(
+                "the serving thread ended before it could serve",
+            ))),
+        };
+        if let Some(e) = refused {
+            let _ = thread.join();
+            if !spec.client {
+                let _ = std::fs::remove_file(&spec.socket);
+            }
+            return Err(e);
+        }
         tracing::info!(
             port = %spec.name,
             socket = %spec.socket.display(),

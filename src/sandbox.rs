@@ -7,6 +7,9 @@
 //!
 //! Syscalls outside the allowlist fail with `EPERM` instead of killing the process: a missed
 //! rare path then degrades into an error on one port rather than taking every port down.
+//!
+//! The sandbox fails closed: it is on unless [`disable`] was called (`--no-sandbox`), and a port
+//! thread that cannot restrict itself ([`enter`] fails) does not serve; its port fails to start.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +19,8 @@ use seccompiler::{
     SeccompRule,
 };
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// On by default: only an explicit [`disable`] lets port threads run unrestricted.
+static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Errors installing the sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +33,14 @@ pub enum SandboxError {
     Seccomp(String),
 }
 
-/// Turns the sandbox on for port threads started from now on.
+/// Turns the sandbox on for port threads started from now on (the default).
 pub fn enable() {
     ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// Turns the sandbox off for port threads started from now on (`--no-sandbox`).
+pub fn disable() {
+    ENABLED.store(false, Ordering::SeqCst);
 }
 
 /// True when port threads sandbox themselves.
@@ -148,6 +157,23 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
         .map_err(|e: seccompiler::BackendError| err(&e))
 }
 
+/// Sandboxes the calling port thread, unless the sandbox is off. An error means the sandbox
+/// could not be applied and the thread must not go on to serve.
+pub fn enter() -> Result<(), SandboxError> {
+    enter_with(enabled(), restrict_current_thread)
+}
+
+fn enter_with(
+    enabled: bool,
+    restrict: impl FnOnce() -> Result<(), SandboxError>,
+) -> Result<(), SandboxError> {
+    if enabled {
+        restrict()
+    } else {
+        Ok(())
+    }
+}
+
 /// Restricts the calling thread (and every thread it spawns later).
 pub fn restrict_current_thread() -> Result<(), SandboxError> {
     use caps::CapSet;
@@ -183,5 +209,41 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(r, (1 << 20, Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn on_by_default_and_a_failure_is_reported_not_ignored() {
+        // Nothing in the library tests turns the sandbox off.
+        assert!(enabled());
+        let failing = || Err(SandboxError::Seccomp("denied".into()));
+        assert!(matches!(
+            enter_with(true, failing),
+            Err(SandboxError::Seccomp(_))
+        ));
+        assert!(enter_with(false, failing).is_ok());
+        assert!(enter_with(true, || Ok(())).is_ok());
+    }
+
+    #[test]
+    fn restriction_fails_where_seccomp_is_denied() {
+        let err = std::thread::spawn(|| {
+            // A filter of our own that refuses seccomp(2), as some container runtimes do.
+            let mut rules = BTreeMap::new();
+            rules.insert(libc::SYS_seccomp, Vec::new());
+            let deny: BpfProgram = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::EPERM as u32),
+                std::env::consts::ARCH.try_into().unwrap(),
+            )
+            .unwrap()
+            .try_into()
+            .unwrap();
+            seccompiler::apply_filter(&deny).unwrap();
+            enter_with(true, restrict_current_thread)
+        })
+        .join()
+        .unwrap();
+        assert!(matches!(err, Err(SandboxError::Seccomp(_))), "{err:?}");
     }
 }

@@ -17,6 +17,11 @@
 //!
 //! Once vhost-pump is up the supervisor sleeps in `sigwait` for SIGCHLD or a stop signal: an
 //! idle attachment costs no wake-ups.
+//!
+//! The log usually lives under `/run`, in RAM, so its size is capped ([`LOG_LIMIT`]): vhost-pump's
+//! stdout and stderr reach it through a pipe that a thread of the supervisor copies, counting
+//! bytes, and the log is emptied once it grows past the limit. The copier sleeps in `read` while
+//! the daemon is quiet, so the cap costs nothing on an idle attachment.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -46,8 +51,11 @@ const CLIENT_STARTUP: Duration = Duration::from_millis(700);
 /// Server mode: how long the daemon has to create its socket before the supervisor gives up
 /// on the first start.
 const SERVER_STARTUP: Duration = Duration::from_secs(30);
-/// The log is cut when it grows past this (checked at each restart).
-const LOG_LIMIT: u64 = 8 << 20;
+/// The log is emptied when it grows past this (checked as the daemon's output is copied into
+/// it, and at each restart).
+pub const LOG_LIMIT: u64 = 8 << 20;
+/// The copier looks at the log's size after every this many bytes.
+const LOG_CHECK_EVERY: u64 = 64 << 10;
 
 /// What the supervisor runs, written by the plugin next to the state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -474,6 +482,23 @@ pub fn supervise(spec_path: &Path) -> i32 {
         cmd.args(&spec.args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
+        // The daemon's output goes through us, so the log stays under its cap.
+        let pipe = match output_pipe() {
+            Ok((reader, writer)) => match writer.try_clone() {
+                Ok(w2) => {
+                    cmd.stdout(Stdio::from(w2)).stderr(Stdio::from(writer));
+                    Some(reader)
+                }
+                Err(e) => {
+                    say(format_args!("cannot set up the log pipe: {e}"));
+                    None
+                }
+            },
+            Err(e) => {
+                say(format_args!("cannot set up the log pipe: {e}"));
+                None
+            }
+        };
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no parent memory.
         unsafe {
             cmd.pre_exec(|| {
@@ -481,7 +506,10 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 Ok(())
             });
         }
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // The command holds the pipe's write ends: without this the copier never sees the end.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 say(format_args!("cannot start {}: {e}", spec.daemon.display()));
@@ -495,6 +523,7 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 continue;
             }
         };
+        let copier = pipe.and_then(|reader| LogCopier::start(reader, LOG_LIMIT));
         say(format_args!(
             "started {} (pid {})",
             spec.daemon.display(),
@@ -515,6 +544,9 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 say("stopping");
                 terminate(child.id(), Duration::from_secs(3));
                 let _ = child.wait();
+                if let Some(c) = copier {
+                    c.finish();
+                }
                 let _ = fs::remove_file(&spec.pid_file);
                 return 0;
             }
@@ -556,10 +588,18 @@ pub fn supervise(spec_path: &Path) -> i32 {
                 say("vhost-pump never created its socket; giving up");
                 terminate(child.id(), Duration::from_secs(3));
                 let _ = child.wait();
+                if let Some(c) = copier {
+                    c.finish();
+                }
                 return 1;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        // Everything the daemon wrote is in the log before we say it ended (ADD quotes the
+        // log's tail when the first start fails).
+        if let Some(c) = copier {
+            c.finish();
+        }
         let _ = fs::remove_file(&spec.pid_file);
         say(format_args!("vhost-pump exited: {exit}"));
         if first && !up {
@@ -614,14 +654,110 @@ fn sleep_unless(signals: &mut Signals, stop: &AtomicBool, d: Duration) -> bool {
 
 /// Empties our stderr (the attachment log, opened for appending) once it is too large.
 fn cut_log() {
-    let Ok(f) = fs::File::open("/proc/self/fd/2") else {
-        return;
-    };
-    if f.metadata()
-        .is_ok_and(|m| m.is_file() && m.len() > LOG_LIMIT)
-    {
-        if let Ok(w) = OpenOptions::new().write(true).open("/proc/self/fd/2") {
-            let _ = w.set_len(0);
+    if let Some(log) = log_file() {
+        cut_if_over(&log, LOG_LIMIT);
+    }
+}
+
+/// Our stderr as a file, if it is a regular file (the attachment log).
+fn log_file() -> Option<File> {
+    use std::os::fd::AsFd;
+    let fd = io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let f = File::from(fd);
+    f.metadata().is_ok_and(|m| m.is_file()).then_some(f)
+}
+
+/// Empties `log` if it is larger than `limit` bytes; returns the size it had if it did. Safe
+/// while others append to it: writes with `O_APPEND` continue at the new end.
+fn cut_if_over(log: &File, limit: u64) -> Option<u64> {
+    let len = log.metadata().ok()?.len();
+    if len <= limit {
+        return None;
+    }
+    log.set_len(0).ok()?;
+    Some(len)
+}
+
+/// A pipe for the daemon's output: (read end, write end), both close-on-exec (the command
+/// makes its copy of the write end the daemon's stdout and stderr).
+fn output_pipe() -> io::Result<(File, std::os::fd::OwnedFd)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created by pipe2 and are owned by nothing else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((File::from(r), w))
+}
+
+/// Copies `from` into `log` until the end of `from`, emptying `log` whenever a check (every
+/// [`LOG_CHECK_EVERY`] bytes) finds it larger than `limit`: the log then never grows much past
+/// `limit + LOG_CHECK_EVERY`. Output that cannot be written (a full disk) is dropped, so the
+/// writer never blocks on the log. Returns the number of times the log was emptied.
+fn copy_capped(mut from: impl Read, log: &File, limit: u64) -> u64 {
+    use std::io::Write;
+    let mut buf = vec![0u8; 16 << 10];
+    let (mut since_check, mut cuts) = (0u64, 0u64);
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return cuts,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return cuts,
+        };
+        let _ = (&*log).write_all(&buf[..n]);
+        since_check += n as u64;
+        if since_check >= LOG_CHECK_EVERY {
+            since_check = 0;
+            if let Some(len) = cut_if_over(log, limit) {
+                cuts += 1;
+                let note = format!(
+                    "[{}] vhost-pump-cni supervisor: log emptied at {len} bytes (limit {limit})\n",
+                    unix_now()
+                );
+                let _ = (&*log).write_all(note.as_bytes());
+            }
+        }
+    }
+}
+
+/// The thread copying the daemon's output into the log.
+struct LogCopier(std::thread::JoinHandle<()>);
+
+impl LogCopier {
+    /// Starts copying `from` into our stderr; none if stderr is not a log file (then the
+    /// daemon's output is dropped rather than left to block the daemon) or no thread starts.
+    fn start(from: File, limit: u64) -> Option<LogCopier> {
+        let log = log_file().or_else(|| {
+            say("stderr is not a file; the daemon's output is not kept");
+            None
+        });
+        std::thread::Builder::new()
+            .name("log".into())
+            .spawn(move || match log {
+                Some(log) => {
+                    copy_capped(from, &log, limit);
+                }
+                None => {
+                    let _ = io::copy(&mut &from, &mut io::sink());
+                }
+            })
+            .map(LogCopier)
+            .map_err(|e| say(format_args!("cannot start the log copier: {e}")))
+            .ok()
+    }
+
+    /// Waits (at most 2 s: a process the daemon left behind may hold the pipe) until
+    /// everything the daemon wrote is in the log.
+    fn finish(self) {
+        let t = Instant::now();
+        while !self.0.is_finished() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.0.is_finished() {
+            let _ = self.0.join();
         }
     }
 }
@@ -635,6 +771,49 @@ mod tests {
         assert_eq!(client_dir_mode(0o600), 0o700);
         assert_eq!(client_dir_mode(0o660), 0o770);
         assert_eq!(client_dir_mode(0o666), 0o777);
+    }
+
+    #[test]
+    fn log_is_emptied_past_the_limit_and_keeps_growing_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let limit = 256 << 10;
+        // 3 MiB of output, read in small pieces as from a pipe.
+        let out = io::repeat(b'x').take(3 << 20);
+        let mut max = 0;
+        let reader = std::io::BufReader::with_capacity(4096, out);
+        struct Watch<'a, R>(R, &'a Path, &'a mut u64);
+        impl<R: Read> Read for Watch<'_, R> {
+            fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+                *self.2 = (*self.2).max(fs::metadata(self.1).unwrap().len());
+                self.0.read(b)
+            }
+        }
+        let cuts = copy_capped(Watch(reader, &path, &mut max), &log, limit);
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(cuts >= 8, "emptied {cuts} times");
+        assert!(
+            max <= limit + LOG_CHECK_EVERY + 200,
+            "log reached {max} bytes"
+        );
+        assert!(len > 0 && len <= limit + LOG_CHECK_EVERY + 200, "{len}");
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("log emptied at"), "no note in the log");
+        // Nothing below the limit is touched.
+        let small = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("small"))
+            .unwrap();
+        assert_eq!(copy_capped(&b"hello\n"[..], &small, limit), 0);
+        assert_eq!(cut_if_over(&small, 6), None);
+        assert_eq!(cut_if_over(&small, 5), Some(6));
+        assert_eq!(small.metadata().unwrap().len(), 0);
     }
 
     #[test]
