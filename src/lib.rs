@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod control;
+pub mod handoff;
 pub mod metrics;
 pub mod netdev;
 pub mod ports;
