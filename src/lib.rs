@@ -8,6 +8,7 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod endpoint;
+pub mod handoff;
 pub mod metrics;
 pub mod netdev;
 pub mod ports;

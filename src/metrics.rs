@@ -162,6 +162,23 @@ pub fn render(ports: &[PortStats]) -> String {
             }
         },
     );
+    family(
+        "vhost_pump_session_events_total",
+        "Session events: sessions started, peers refused on the private request-handler \
+         channel, frontends disconnected for not reading, sessions over their fd budget.",
+        "counter",
+        &mut |o| {
+            for p in ports {
+                for (event, _, n) in p.sessions.counters() {
+                    let _ = writeln!(
+                        o,
+                        "vhost_pump_session_events_total{{port=\"{}\",event=\"{event}\"}} {n}",
+                        label(&p.name)
+                    );
+                }
+            }
+        },
+    );
     // AF_PACKET ports only: no families at all when there is none.
     let afp: Vec<(&str, &AfPacketSnapshot)> = ports
         .iter()
@@ -380,6 +397,10 @@ mod tests {
             connected: true,
             started_ns: 0,
             acked_features: 0,
+            sessions: crate::server::SessionStats {
+                stalled_frontends: 2,
+                ..Default::default()
+            },
             queues: vec![QueuePairStats {
                 rx: d(5),
                 tx: d(7),
@@ -402,6 +423,7 @@ mod tests {
             "vhost_pump_drops_total{port=\"vm0\",queue=\"0\",dir=\"tx\",reason=\"runt\"} 2",
             "vhost_pump_wakeups_total{port=\"vm0\",queue=\"0\",kind=\"idle\"} 4",
             "vhost_pump_rx_ring_full_total{port=\"vm0\",queue=\"0\"} 6",
+            "vhost_pump_session_events_total{port=\"vm0\",event=\"stalled_frontends\"} 2",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -416,6 +438,7 @@ mod tests {
             connected: false,
             started_ns: 0,
             acked_features: 0,
+            sessions: Default::default(),
             queues: Vec::new(),
             af_packet,
         };

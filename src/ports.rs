@@ -16,7 +16,8 @@ use vhost_net_backend::{DropReason, HostPort, NetBackend, NetConfig};
 
 use crate::af_packet::{AfPacketPort, AfPacketSnapshot, AfPacketStatus};
 use crate::config::{HostSpec, PortSpec, MAX_PORTS};
-use crate::server::{self, ServeControl};
+use crate::handoff::HandoffDir;
+use crate::server::{self, ServeControl, SessionStats};
 use crate::tap::TapPort;
 
 /// Errors starting or managing a port.
@@ -49,6 +50,9 @@ pub enum PortError {
     /// The socket could not be set up.
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    /// The private channel to the request handler could not be set up.
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
     /// Socket ownership or permissions could not be applied.
     #[error("socket {path}: {message}")]
     Permissions {
@@ -85,6 +89,9 @@ pub struct RunningPort {
     ctl: Arc<ServeControl>,
     listener_fd: Option<RawFd>,
     thread: Option<JoinHandle<()>>,
+    /// The private channel's directory, removed after the thread ends (the sandboxed thread
+    /// cannot remove files).
+    handoff_dir: Option<HandoffDir>,
     started_ns: u64,
 }
 
@@ -101,6 +108,8 @@ impl RunningPort {
             server::check_free(&spec.socket)?;
         }
         let (backend, af_packet) = Self::build_device(&spec)?;
+        // Created here, while the thread may still create directories: see crate::handoff.
+        let (handoff_dir, handoff) = crate::handoff::create(spec.socket.parent())?;
         let listener = if spec.client {
             None
         } else {
@@ -134,8 +143,8 @@ impl RunningPort {
                     return;
                 }
                 match listener {
-                    Some(l) => server::serve_listener(&l, &b, &c),
-                    None => server::serve_client(&socket, &b, &c),
+                    Some(l) => server::serve_listener(&l, &b, &handoff, &c),
+                    None => server::serve_client(&socket, &b, &handoff, &c),
                 }
             })
             .map_err(PortError::Thread)?;
@@ -169,6 +178,7 @@ impl RunningPort {
             ctl,
             listener_fd,
             thread: Some(thread),
+            handoff_dir: Some(handoff_dir),
             started_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
@@ -225,6 +235,7 @@ impl RunningPort {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.handoff_dir.take();
     }
 
     /// A snapshot of the port's state and counters.
@@ -235,6 +246,7 @@ impl RunningPort {
             connected: self.ctl.connected(),
             started_ns: self.started_ns,
             acked_features: self.backend.acked_features_now(),
+            sessions: self.ctl.counters().snapshot(),
             queues: self
                 .backend
                 .stats()
@@ -319,6 +331,9 @@ pub struct PortStats {
     pub acked_features: u64,
     /// Per queue pair.
     pub queues: Vec<QueuePairStats>,
+    /// Session events: refused peers, stalled frontends, fd budgets exceeded.
+    #[serde(default)]
+    pub sessions: SessionStats,
     /// AF_PACKET ports only: the interface, its link state and the port's own counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub af_packet: Option<AfPacketSnapshot>,
@@ -589,6 +604,7 @@ mod tests {
             connected: false,
             started_ns: 0,
             acked_features: 0,
+            sessions: Default::default(),
             queues: Vec::new(),
             af_packet,
         }
@@ -605,6 +621,12 @@ mod tests {
                 "connected": false,
                 "started_ns": 0,
                 "acked_features": 0,
+                "sessions": {
+                    "started": 0,
+                    "refused_peers": 0,
+                    "stalled_frontends": 0,
+                    "fd_budget_exceeded": 0,
+                },
                 "queues": [],
             })
         );

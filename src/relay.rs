@@ -16,14 +16,29 @@
 //! library then fails with "memory regions intersect"). The relay keeps a use count per region:
 //! only the first add and the last remove reach the handler, the others are acknowledged here.
 //!
-//! Everything else passes through unchanged, with its file descriptors.
+//! Everything else passes through unchanged, with its file descriptors, within two limits:
+//!
+//! - *Flow control.* The relay holds at most one message per direction. A frontend that
+//!   pipelines requests and never reads the replies fills its socket; a write to it that finds
+//!   no room for [`FRONTEND_SEND_TIMEOUT`] ends the session ([`RelayError::FrontendStalled`]).
+//!   Whichever direction ends first shuts down both sockets, which makes every blocked read and
+//!   write of the session return (the relay's and the request handler's), so the port goes on
+//!   to the next frontend.
+//! - *File descriptors.* The relay tallies the descriptors the handler keeps for the session
+//!   (one per memory region, one per vring kick/call/err, one per other request that carries
+//!   one) and refuses a message that would take the tally over the session's budget
+//!   ([`Limits`]); the slot count announced in the reply to `GET_MAX_MEM_SLOTS` is lowered to
+//!   the budget's memory share, so a frontend that follows it never gets there.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -36,8 +51,105 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 const MAX_PENDING_ENABLES: usize = 64;
 /// Body of ADD/REM_MEM_REG: 8 bytes of padding, then guest address, size, user address, offset.
 const MEM_REG_BODY: usize = 40;
-/// Most distinct memory regions tracked: the slot count the library announces (GET_MAX_MEM_SLOTS).
-const MAX_REGIONS: usize = 509;
+/// Low byte of a vring fd request's body: the ring index (the rest are flags).
+const VRING_IDX_MASK: u64 = 0xff;
+
+/// How long a write to the frontend may wait for room in its socket before the frontend counts
+/// as not reading its replies.
+pub const FRONTEND_SEND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a write to the request handler may wait. A safety net: the handler stops reading
+/// only while its replies cannot be delivered, which the frontend's timeout resolves.
+pub const HANDLER_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Memory regions a session may have, announced as the reply to `GET_MAX_MEM_SLOTS` (the
+/// library itself announces 509; QEMU needs one per RAM region, a handful without hotplug).
+pub const MEM_SLOTS: usize = 64;
+/// Descriptors per vring the handler keeps: kick, call, err.
+const FDS_PER_RING: usize = 3;
+/// Descriptors beyond memory and vrings: log base and fd, backend request channel, inflight
+/// area, device state, and some slack.
+const OTHER_FDS: usize = 8;
+
+/// What one session may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory regions (one descriptor each); also the slot count announced to the frontend.
+    pub mem_slots: usize,
+    /// Descriptors the handler may keep for the session at once, memory regions included.
+    pub max_fds: usize,
+    /// See [`FRONTEND_SEND_TIMEOUT`].
+    pub frontend_send_timeout: Duration,
+    /// See [`HANDLER_SEND_TIMEOUT`].
+    pub handler_send_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits for a device with `queue_pairs` RX/TX queue pairs.
+    pub fn for_queue_pairs(queue_pairs: usize) -> Self {
+        Limits {
+            mem_slots: MEM_SLOTS,
+            max_fds: MEM_SLOTS + FDS_PER_RING * 2 * queue_pairs + OTHER_FDS,
+            frontend_send_timeout: FRONTEND_SEND_TIMEOUT,
+            handler_send_timeout: HANDLER_SEND_TIMEOUT,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::for_queue_pairs(1)
+    }
+}
+
+/// Why a relayed session ended other than by a peer closing its socket.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The frontend left replies unread until its socket was full.
+    #[error("the frontend stopped reading replies (no room for one in {0:?}); disconnected it")]
+    FrontendStalled(Duration),
+    /// The request handler stopped reading requests.
+    #[error("the request handler stopped reading requests (no room for one in {0:?})")]
+    HandlerStalled(Duration),
+    /// The frontend handed over more file descriptors than a session may keep.
+    #[error(
+        "refused: the frontend would leave {held} file descriptors ({what}) with the session, \
+         over its budget of {budget}"
+    )]
+    FdBudget {
+        /// Which budget: memory regions, or all descriptors.
+        what: &'static str,
+        /// The tally the message would have made.
+        held: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// The frontend broke the protocol in a way the relay refuses.
+    #[error("{0}")]
+    Protocol(String),
+    /// Socket error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl RelayError {
+    /// True for the ends a peer causes by going away, which are not failures.
+    fn is_hang_up(&self) -> bool {
+        matches!(self, RelayError::Io(e) if matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+        ))
+    }
+}
+
+/// An info line of the session, or a debug line when the session's logging is rate-limited.
+macro_rules! session_info {
+    ($quiet:expr, $($arg:tt)+) => {
+        if $quiet {
+            tracing::debug!($($arg)+)
+        } else {
+            tracing::info!($($arg)+)
+        }
+    };
+}
 
 /// One vhost-user message with the file descriptors that came with it.
 struct Message {
@@ -154,7 +266,36 @@ fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
-/// The relay's view of the session: whether features are set, and enables held until then.
+/// Writes `msg`, turning a write that timed out for lack of room into `stalled(timeout)`.
+fn send(
+    sock: &UnixStream,
+    msg: &Message,
+    timeout: Duration,
+    stalled: fn(Duration) -> RelayError,
+) -> Result<(), RelayError> {
+    write_message(sock, msg).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => stalled(timeout),
+        _ => e.into(),
+    })
+}
+
+/// The descriptors the request handler keeps for the session, as far as the relay can tell:
+/// those of the memory regions, and one for each (request, ring) whose descriptor replaces the
+/// one sent before (vring kick/call/err per ring, log, backend channel, ...).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct FdTally {
+    mem: usize,
+    kept: BTreeSet<(u32, u32)>,
+}
+
+impl FdTally {
+    fn total(&self) -> usize {
+        self.mem + self.kept.len()
+    }
+}
+
+/// The relay's view of the session: whether features are set, enables held until then, memory
+/// regions and the descriptors the handler keeps.
 #[derive(Default)]
 struct Session {
     features_set: bool,
@@ -162,6 +303,16 @@ struct Session {
     /// Memory regions added through ADD_MEM_REG, keyed by (guest address, size, user address),
     /// with the number of vhost devices of the frontend that added them.
     regions: Vec<([u64; 3], u32)>,
+    fds: FdTally,
+    limits: Limits,
+    /// Per-session info lines go to debug (the session log is rate-limited).
+    quiet: bool,
+}
+
+/// A change to the tracked memory regions that a forwarded message makes.
+enum RegionChange {
+    Added([u64; 3]),
+    Removed(usize),
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -219,7 +370,7 @@ fn ack(msg: &Message) -> Option<Message> {
 impl Session {
     /// Decides what to do with a frontend message: the messages to pass to the handler, and a
     /// reply to send straight back.
-    fn on_frontend(&mut self, msg: Message) -> io::Result<(Vec<Message>, Option<Message>)> {
+    fn on_frontend(&mut self, msg: Message) -> Result<(Vec<Message>, Option<Message>), RelayError> {
         let req = msg.request();
         if req == FrontendReq::SET_VRING_ENABLE as u32 && !self.features_set && msg.body.len() == 8
         {
@@ -227,9 +378,8 @@ impl Session {
             let num = u32::from_le_bytes([msg.body[4], msg.body[5], msg.body[6], msg.body[7]]);
             self.pending.retain(|(i, _)| *i != index);
             if self.pending.len() >= MAX_PENDING_ENABLES {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "too many SET_VRING_ENABLE messages before SET_FEATURES",
+                return Err(RelayError::Protocol(
+                    "too many SET_VRING_ENABLE messages before SET_FEATURES".into(),
                 ));
             }
             self.pending.push((index, num));
@@ -249,16 +399,16 @@ impl Session {
             // disagree about where the rings end.
             let num = u32::from_le_bytes([msg.body[4], msg.body[5], msg.body[6], msg.body[7]]);
             if !num.is_power_of_two() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("SET_VRING_NUM {num} is not a power of two"),
-                ));
+                return Err(RelayError::Protocol(format!(
+                    "SET_VRING_NUM {num} is not a power of two"
+                )));
             }
         }
         let is_add = req == FrontendReq::ADD_MEM_REG as u32;
         if req == FrontendReq::SET_MEM_TABLE as u32 || is_add {
             check_regions_within_files(&msg)?;
         }
+        let mut change = None;
         if (is_add || req == FrontendReq::REM_MEM_REG as u32) && msg.body.len() == MEM_REG_BODY {
             let key = [
                 u64_at(&msg.body, 8),
@@ -271,34 +421,38 @@ impl Session {
                     self.regions[i].1 += 1;
                     return Ok((Vec::new(), ack(&msg)));
                 }
-                (true, None) => {
-                    if self.regions.len() >= MAX_REGIONS {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "too many memory regions",
-                        ));
-                    }
-                    tracing::info!(
-                        gpa = format!("{:#x}", key[0]),
-                        size = key[1],
-                        "guest memory region added"
-                    );
-                    self.regions.push((key, 1));
-                }
+                (true, None) => change = Some(RegionChange::Added(key)),
                 (false, Some(i)) if self.regions[i].1 > 1 => {
                     self.regions[i].1 -= 1;
                     return Ok((Vec::new(), ack(&msg)));
                 }
-                (false, Some(i)) => {
-                    tracing::info!(
-                        gpa = format!("{:#x}", key[0]),
-                        "guest memory region removed"
-                    );
-                    self.regions.swap_remove(i);
-                }
+                (false, Some(i)) => change = Some(RegionChange::Removed(i)),
                 // Removing an unknown region: let the handler refuse it.
                 (false, None) => {}
             }
+        }
+        let fds = self.fds_after(&msg, matches!(change, Some(RegionChange::Removed(_))));
+        self.check_budget(&fds)?;
+        self.fds = fds;
+        match change {
+            Some(RegionChange::Added(key)) => {
+                session_info!(
+                    self.quiet,
+                    gpa = format!("{:#x}", key[0]),
+                    size = key[1],
+                    "guest memory region added"
+                );
+                self.regions.push((key, 1));
+            }
+            Some(RegionChange::Removed(i)) => {
+                session_info!(
+                    self.quiet,
+                    gpa = format!("{:#x}", self.regions[i].0[0]),
+                    "guest memory region removed"
+                );
+                self.regions.swap_remove(i);
+            }
+            None => {}
         }
         if req == FrontendReq::SET_MEM_TABLE as u32 {
             // A whole new table replaces every region added one by one.
@@ -319,55 +473,178 @@ impl Session {
         }
         Ok((out, None))
     }
+
+    /// The descriptor tally once the handler has taken `msg` (which `removes_region`, for a
+    /// REM_MEM_REG of the last user of a region).
+    fn fds_after(&self, msg: &Message, removes_region: bool) -> FdTally {
+        let req = msg.request();
+        let n = msg.files.len();
+        let mut t = self.fds.clone();
+        if req == FrontendReq::SET_MEM_TABLE as u32 {
+            t.mem = n;
+        } else if req == FrontendReq::ADD_MEM_REG as u32 {
+            t.mem += n;
+        } else if req == FrontendReq::REM_MEM_REG as u32 {
+            // The descriptor sent with the removal itself is not kept.
+            if removes_region {
+                t.mem = t.mem.saturating_sub(1);
+            }
+        } else if [
+            FrontendReq::SET_VRING_KICK,
+            FrontendReq::SET_VRING_CALL,
+            FrontendReq::SET_VRING_ERR,
+        ]
+        .iter()
+        .any(|r| *r as u32 == req)
+        {
+            let index = if msg.body.len() >= 8 {
+                u64_at(&msg.body, 0) & VRING_IDX_MASK
+            } else {
+                0
+            };
+            // Without a descriptor (the NOFD flag), the ring's earlier one is released.
+            if n == 0 {
+                t.kept.remove(&(req, index as u32));
+            } else {
+                t.kept.insert((req, index as u32));
+            }
+        } else if n > 0 {
+            t.kept.insert((req, 0));
+        }
+        t
+    }
+
+    fn check_budget(&self, t: &FdTally) -> Result<(), RelayError> {
+        if t.mem > self.limits.mem_slots {
+            return Err(RelayError::FdBudget {
+                what: "memory regions",
+                held: t.mem,
+                budget: self.limits.mem_slots,
+            });
+        }
+        if t.total() > self.limits.max_fds {
+            return Err(RelayError::FdBudget {
+                what: "in all",
+                held: t.total(),
+                budget: self.limits.max_fds,
+            });
+        }
+        Ok(())
+    }
 }
 
-/// Relays one frontend connection to the handler until either side closes. Returns the reason
-/// the session ended (`Ok` for an orderly close by the frontend).
-pub fn run(frontend: UnixStream, handler: UnixStream) -> io::Result<()> {
+/// Lowers the slot count in the handler's reply to GET_MAX_MEM_SLOTS to the session's budget.
+fn clamp_reply(msg: &mut Message, limits: &Limits) {
+    if msg.request() == FrontendReq::GET_MAX_MEM_SLOTS as u32
+        && msg.flags() & FLAG_REPLY != 0
+        && msg.body.len() == 8
+    {
+        let slots = u64_at(&msg.body, 0).min(limits.mem_slots as u64);
+        msg.body.copy_from_slice(&slots.to_le_bytes());
+    }
+}
+
+/// Both sockets of a session, shut down once by whichever direction ends first.
+struct Ends {
+    frontend: UnixStream,
+    handler: UnixStream,
+    closed: AtomicBool,
+}
+
+impl Ends {
+    /// Shuts both sockets down; true for the first caller, whose reason ends the session.
+    fn close(&self) -> bool {
+        let first = !self.closed.swap(true, Ordering::SeqCst);
+        let _ = self.handler.shutdown(Shutdown::Both);
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        first
+    }
+}
+
+/// Relays one frontend connection to the handler until either side closes or `limits` are
+/// broken. `quiet` turns the session's info lines into debug lines. Returns why the session
+/// ended: `Ok` when a peer closed (or went away), an error when the relay ended it.
+pub fn run(
+    frontend: UnixStream,
+    handler: UnixStream,
+    limits: &Limits,
+    quiet: bool,
+) -> Result<(), RelayError> {
+    frontend.set_write_timeout(Some(limits.frontend_send_timeout))?;
+    handler.set_write_timeout(Some(limits.handler_send_timeout))?;
+    let ends = Arc::new(Ends {
+        frontend: frontend.try_clone()?,
+        handler: handler.try_clone()?,
+        closed: AtomicBool::new(false),
+    });
     let frontend_tx = Arc::new(Mutex::new(frontend.try_clone()?));
     let handler_rx = handler.try_clone()?;
-    let back_tx = frontend_tx.clone();
+    let (back_tx, back_ends, back_limits) = (frontend_tx.clone(), ends.clone(), limits.clone());
     let back = std::thread::Builder::new()
         .name("vu-relay-reply".into())
         .spawn(move || {
-            let result = (|| -> io::Result<()> {
-                while let Some(msg) = read_message(&handler_rx)? {
+            let result = (|| -> Result<(), RelayError> {
+                while let Some(mut msg) = read_message(&handler_rx)? {
+                    clamp_reply(&mut msg, &back_limits);
                     let sock = back_tx.lock().unwrap_or_else(|p| p.into_inner());
-                    write_message(&sock, &msg)?;
+                    send(
+                        &sock,
+                        &msg,
+                        back_limits.frontend_send_timeout,
+                        RelayError::FrontendStalled,
+                    )?;
                 }
                 Ok(())
             })();
-            // The handler ended the session (or failed): close the frontend side too.
-            let sock = back_tx.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = sock.shutdown(Shutdown::Both);
-            result
+            (back_ends.close(), result)
         })?;
 
-    let mut session = Session::default();
-    let forward = (|| -> io::Result<()> {
+    let mut session = Session {
+        limits: limits.clone(),
+        quiet,
+        ..Session::default()
+    };
+    let forward = (|| -> Result<(), RelayError> {
         while let Some(msg) = read_message(&frontend)? {
             let (to_handler, reply) = session.on_frontend(msg)?;
             for m in &to_handler {
-                write_message(&handler, m)?;
+                send(
+                    &handler,
+                    m,
+                    limits.handler_send_timeout,
+                    RelayError::HandlerStalled,
+                )?;
             }
             if let Some(r) = reply {
                 let sock = frontend_tx.lock().unwrap_or_else(|p| p.into_inner());
-                write_message(&sock, &r)?;
+                send(
+                    &sock,
+                    &r,
+                    limits.frontend_send_timeout,
+                    RelayError::FrontendStalled,
+                )?;
             }
         }
         Ok(())
     })();
-    let _ = handler.shutdown(Shutdown::Both);
-    let _ = frontend.shutdown(Shutdown::Both);
-    let back = back.join().unwrap_or(Ok(()));
-    forward.and(back.or_else(|e| {
-        // The handler closing its side after the frontend left is the normal end.
-        if e.kind() == io::ErrorKind::NotConnected {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    }))
+    let forward_first = ends.close();
+    // The reply thread returns at once now: its socket is shut down.
+    let (back_first, back) = back.join().unwrap_or_else(|_| {
+        (
+            false,
+            Err(io::Error::other("relay reply thread panicked").into()),
+        )
+    });
+    // The first direction to end tells why; the other one only saw the shutdown.
+    let result = if back_first && !forward_first {
+        back
+    } else {
+        forward
+    };
+    match result {
+        Err(e) if e.is_hang_up() => Ok(()),
+        r => r,
+    }
 }
 
 #[cfg(test)]
@@ -575,5 +852,184 @@ mod tests {
         let (c, d) = UnixStream::pair().unwrap();
         drop(c);
         assert!(read_message(&d).unwrap().is_none());
+    }
+
+    fn with_files(mut m: Message, n: usize) -> Message {
+        m.files = (0..n).map(|_| memfd(0x1000)).collect();
+        m
+    }
+
+    fn add_region(gpa: u64) -> Message {
+        with_files(mem_reg(FrontendReq::ADD_MEM_REG, gpa, FLAG_VERSION_1), 1)
+    }
+
+    fn vring_fd(req: FrontendReq, index: u64, with_fd: bool) -> Message {
+        let flags = if with_fd { 0 } else { 0x100 };
+        let m = Message::new(
+            req as u32,
+            FLAG_VERSION_1,
+            (index | flags).to_le_bytes().to_vec(),
+        );
+        with_files(m, usize::from(with_fd))
+    }
+
+    #[test]
+    fn memory_regions_over_the_slot_budget_are_refused() {
+        let mut s = Session::default();
+        let slots = s.limits.mem_slots as u64;
+        // A table, replaced by another: the tally follows the latest one.
+        let table = |n: usize| {
+            let regions: Vec<(u64, u64)> = (0..n).map(|_| (0x1000, 0)).collect();
+            let files = (0..n).map(|_| memfd(0x1000)).collect();
+            mem_table(&regions, files)
+        };
+        s.on_frontend(table(8)).unwrap();
+        s.on_frontend(table(4)).unwrap();
+        assert_eq!(s.fds.mem, 4);
+        for i in 0..slots - 4 {
+            s.on_frontend(add_region(0x10_0000 * (i + 1))).unwrap();
+        }
+        // The same region from a second queue pair's device costs nothing.
+        s.on_frontend(add_region(0x10_0000)).unwrap();
+        assert_eq!(s.fds.mem as u64, slots);
+        let err = s
+            .on_frontend(add_region(0x1_0000_0000))
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, RelayError::FdBudget { held, budget, .. } if held as u64 == slots + 1 && budget as u64 == slots),
+            "{err}"
+        );
+        // Removing a region (its last user) makes room again.
+        let mut s2 = Session::default();
+        for i in 0..slots {
+            s2.on_frontend(add_region(0x10_0000 * i)).unwrap();
+        }
+        let rem = with_files(mem_reg(FrontendReq::REM_MEM_REG, 0, FLAG_VERSION_1), 1);
+        s2.on_frontend(rem).unwrap();
+        s2.on_frontend(add_region(0x1_0000_0000)).unwrap();
+    }
+
+    #[test]
+    fn replaced_descriptors_do_not_add_up_but_new_kinds_do() {
+        let mut s = Session::default();
+        for _ in 0..100 {
+            for req in [FrontendReq::SET_VRING_KICK, FrontendReq::SET_VRING_CALL] {
+                s.on_frontend(vring_fd(req, 0, true)).unwrap();
+                s.on_frontend(vring_fd(req, 1, true)).unwrap();
+            }
+        }
+        assert_eq!(s.fds.total(), 4);
+        // NOFD releases the ring's descriptor.
+        s.on_frontend(vring_fd(FrontendReq::SET_VRING_CALL, 1, false))
+            .unwrap();
+        assert_eq!(s.fds.total(), 3);
+        // Descriptors on ever new request codes or ring indexes add up until the budget ends.
+        let budget = s.limits.max_fds;
+        let mut refused = None;
+        for code in 100..400u32 {
+            let m = with_files(Message::new(code, FLAG_VERSION_1, vec![0; 8]), 1);
+            if let Err(e) = s.on_frontend(m) {
+                refused = Some((code, e));
+                break;
+            }
+        }
+        let (code, err) = refused.expect("refused");
+        assert_eq!((code - 100) as usize, budget - 3);
+        assert!(err.to_string().contains("file descriptors"), "{err}");
+    }
+
+    #[test]
+    fn announced_memory_slots_are_lowered_to_the_budget() {
+        let limits = Limits::default();
+        let mut m = Message::new(
+            FrontendReq::GET_MAX_MEM_SLOTS as u32,
+            FLAG_VERSION_1 | FLAG_REPLY,
+            509u64.to_le_bytes().to_vec(),
+        );
+        clamp_reply(&mut m, &limits);
+        assert_eq!(u64_at(&m.body, 0), MEM_SLOTS as u64);
+        let mut other = Message::new(
+            FrontendReq::GET_FEATURES as u32,
+            FLAG_VERSION_1 | FLAG_REPLY,
+            509u64.to_le_bytes().to_vec(),
+        );
+        clamp_reply(&mut other, &limits);
+        assert_eq!(u64_at(&other.body, 0), 509);
+    }
+
+    /// A stand-in for the request handler: answers every request with an 8-byte reply until
+    /// its socket fails; returns how many it answered.
+    fn echo_handler(sock: UnixStream) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut answered = 0;
+            while let Ok(Some(m)) = read_message(&sock) {
+                let r = Message::new(m.request(), FLAG_VERSION_1 | FLAG_REPLY, vec![0; 8]);
+                if write_message(&sock, &r).is_err() {
+                    break;
+                }
+                answered += 1;
+            }
+            answered
+        })
+    }
+
+    /// Pipelines GET_FEATURES on `sock` without reading, until a write waits 300 ms.
+    fn flood(sock: &UnixStream) -> usize {
+        sock.set_write_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let m = Message::new(FrontendReq::GET_FEATURES as u32, FLAG_VERSION_1, Vec::new());
+        let mut n = 0;
+        while n < 100_000 && write_message(sock, &m).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    fn short_limits() -> Limits {
+        Limits {
+            frontend_send_timeout: std::time::Duration::from_millis(500),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn frontend_that_never_reads_is_disconnected_and_everything_unblocks() {
+        let (fe, fe_relay) = UnixStream::pair().unwrap();
+        let (h_relay, h) = UnixStream::pair().unwrap();
+        let handler = echo_handler(h);
+        let relay = std::thread::spawn(move || run(fe_relay, h_relay, &short_limits(), true));
+        let sent = flood(&fe);
+        assert!(sent > 100, "{sent}");
+        // The frontend stays connected and never reads: the relay gives up on it.
+        let t = std::time::Instant::now();
+        let result = relay.join().unwrap();
+        assert!(
+            matches!(result, Err(RelayError::FrontendStalled(_))),
+            "{result:?}"
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // The handler's blocked reply returned too.
+        assert!(handler.join().unwrap() > 0);
+        drop(fe);
+    }
+
+    #[test]
+    fn frontend_hanging_up_with_replies_unread_unblocks_everything() {
+        let (fe, fe_relay) = UnixStream::pair().unwrap();
+        let (h_relay, h) = UnixStream::pair().unwrap();
+        let handler = echo_handler(h);
+        let limits = Limits {
+            frontend_send_timeout: std::time::Duration::from_secs(60),
+            handler_send_timeout: std::time::Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let relay = std::thread::spawn(move || run(fe_relay, h_relay, &limits, true));
+        flood(&fe);
+        drop(fe);
+        let t = std::time::Instant::now();
+        assert!(relay.join().unwrap().is_ok());
+        handler.join().unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -3,18 +3,19 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
+use serde::{Deserialize, Serialize};
 use vhost_net_backend::NetBackend;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::relay;
+use crate::handoff::{Handoff, HandoffError};
+use crate::relay::{self, RelayError};
 
 /// Errors of the vhost-user socket.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,12 @@ pub enum ServerError {
     /// The vhost-user library refused to start a session.
     #[error("vhost-user session setup failed: {0}")]
     Session(String),
+    /// The private channel to the request handler failed.
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
+    /// The relay ended the session.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 /// Fails when a live listener answers at `path` or a non-socket sits there; a stale socket or
@@ -79,11 +86,81 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     UnixListener::bind(path).map_err(|e| io_err("cannot listen on", e))
 }
 
+/// Session events of one port, counted since the port started.
+#[derive(Debug, Default)]
+pub struct SessionCounters {
+    started: AtomicU64,
+    refused_peers: AtomicU64,
+    stalled_frontends: AtomicU64,
+    fd_budget_exceeded: AtomicU64,
+}
+
+/// [`SessionCounters`] as numbers (`ctl stats`, metrics).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Frontend sessions started.
+    pub started: u64,
+    /// Connections on the private request-handler channel that did not come from this
+    /// process, refused.
+    pub refused_peers: u64,
+    /// Frontends disconnected because they stopped reading their replies.
+    pub stalled_frontends: u64,
+    /// Sessions ended for handing over more file descriptors than their budget.
+    pub fd_budget_exceeded: u64,
+}
+
+impl SessionStats {
+    /// The counters as (name, help, value), in a fixed order.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 4] {
+        [
+            ("started", "Frontend sessions started.", self.started),
+            (
+                "refused_peers",
+                "Connections from other processes refused on the private request-handler channel.",
+                self.refused_peers,
+            ),
+            (
+                "stalled_frontends",
+                "Frontends disconnected for not reading their replies.",
+                self.stalled_frontends,
+            ),
+            (
+                "fd_budget_exceeded",
+                "Sessions ended for handing over more file descriptors than their budget.",
+                self.fd_budget_exceeded,
+            ),
+        ]
+    }
+}
+
+impl SessionCounters {
+    /// The current values.
+    pub fn snapshot(&self) -> SessionStats {
+        SessionStats {
+            started: self.started.load(Ordering::Relaxed),
+            refused_peers: self.refused_peers.load(Ordering::Relaxed),
+            stalled_frontends: self.stalled_frontends.load(Ordering::Relaxed),
+            fd_budget_exceeded: self.fd_budget_exceeded.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count_end(&self, r: &Result<(), ServerError>) {
+        let counter = match r {
+            Err(ServerError::Relay(RelayError::FrontendStalled(_))) => &self.stalled_frontends,
+            Err(ServerError::Relay(RelayError::FdBudget { .. })) => &self.fd_budget_exceeded,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Lets another thread stop a serving loop and see whether a frontend is connected.
 #[derive(Default)]
 pub struct ServeControl {
     stopped: AtomicBool,
     active: Mutex<Option<UnixStream>>,
+    counters: SessionCounters,
+    log: Mutex<SessionLog>,
 }
 
 impl ServeControl {
@@ -114,21 +191,146 @@ impl ServeControl {
             .is_some()
     }
 
+    /// The port's session counters.
+    pub fn counters(&self) -> &SessionCounters {
+        &self.counters
+    }
+
     fn set_active(&self, s: Option<UnixStream>) {
         *self.active.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
+
+    /// Sleeps for `d`, in small steps so that a stop request is seen quickly.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.is_stopped() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Whether the session starting now may log its info lines (see [`SessionLog`]).
+    fn admit_session_log(&self) -> bool {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())
+    }
 }
 
-/// Serves frontends that connect to `listener`, one after the other, until stopped.
-pub fn serve_listener(listener: &UnixListener, backend: &Arc<NetBackend>, ctl: &ServeControl) {
+/// Sessions whose lines are logged in each [`SESSION_LOG_WINDOW`]; later ones log at debug.
+const SESSION_LOG_BURST: u32 = 5;
+/// See [`SESSION_LOG_BURST`].
+const SESSION_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Keeps the lines sessions log bounded whatever a peer does: in each window, the first
+/// [`SESSION_LOG_BURST`] sessions log as usual, later ones only at debug level, and the next
+/// window starts with one line counting them.
+#[derive(Debug, Default)]
+struct SessionLog {
+    window: Option<Instant>,
+    logged: u32,
+    quiet: u64,
+}
+
+impl SessionLog {
+    /// Called as a session starts: true when its lines are logged.
+    fn admit(&mut self, now: Instant) -> bool {
+        let expired = self
+            .window
+            .is_none_or(|start| now.duration_since(start) >= SESSION_LOG_WINDOW);
+        if expired {
+            if self.quiet > 0 {
+                tracing::info!(
+                    sessions = self.quiet,
+                    window_s = SESSION_LOG_WINDOW.as_secs(),
+                    "more sessions than the log allows; their lines went to debug level"
+                );
+            }
+            *self = SessionLog {
+                window: Some(now),
+                logged: 0,
+                quiet: 0,
+            };
+        }
+        if self.logged < SESSION_LOG_BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.quiet += 1;
+            false
+        }
+    }
+}
+
+/// An info line of a session, or a debug line when its logging is rate-limited.
+macro_rules! session_info {
+    ($verbose:expr, $($arg:tt)+) => {
+        if $verbose {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
+        }
+    };
+}
+
+/// The wait before reconnecting in client mode.
+#[derive(Debug)]
+struct Reconnect {
+    delay: Duration,
+}
+
+impl Reconnect {
+    /// First wait after a short session or a failed connection.
+    const MIN: Duration = Duration::from_millis(50);
+    /// Longest wait.
+    const MAX: Duration = Duration::from_secs(3);
+    /// Sessions at least this long reconnect at once and reset the wait.
+    const LONG_SESSION: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Reconnect { delay: Self::MIN }
+    }
+
+    /// The wait after a connection attempt failed; the next one doubles.
+    fn after_failed_connect(&mut self) -> Duration {
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        d
+    }
+
+    /// The wait after a session that lasted `lasted`: none after a long one, else as after a
+    /// failed attempt, so a peer that closes at once cannot make the loop spin.
+    fn after_session(&mut self, lasted: Duration) -> Duration {
+        if lasted >= Self::LONG_SESSION {
+            self.delay = Self::MIN;
+            Duration::ZERO
+        } else {
+            self.after_failed_connect()
+        }
+    }
+}
+
+/// Serves frontends that connect to `listener`, one after the other, until stopped, handing
+/// each to a request handler over `handoff`.
+pub fn serve_listener(
+    listener: &UnixListener,
+    backend: &Arc<NetBackend>,
+    handoff: &Handoff,
+    ctl: &ServeControl,
+) {
     while !ctl.is_stopped() {
         match listener.accept() {
             Ok((stream, _)) => {
                 if ctl.is_stopped() {
                     break;
                 }
-                tracing::info!("frontend connected");
-                end_session(serve_connection(stream, backend, ctl));
+                let verbose = ctl.admit_session_log();
+                session_info!(verbose, "frontend connected");
+                serve_connection(stream, backend, handoff, ctl, verbose);
             }
             Err(_) if ctl.is_stopped() => break,
             Err(e) => {
@@ -140,64 +342,39 @@ pub fn serve_listener(listener: &UnixListener, backend: &Arc<NetBackend>, ctl: &
 }
 
 /// Connects to `path` (the frontend is the server), waiting for it to appear, and reconnects
-/// with backoff after every session, until stopped.
-pub fn serve_client(path: &Path, backend: &Arc<NetBackend>, ctl: &ServeControl) {
-    const MIN: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_secs(2);
-    let mut backoff = MIN;
+/// until stopped: at once after a session of a second or more, after a growing wait (up to a
+/// few seconds) after shorter ones and failed attempts.
+pub fn serve_client(path: &Path, backend: &Arc<NetBackend>, handoff: &Handoff, ctl: &ServeControl) {
+    let mut reconnect = Reconnect::new();
     let mut waiting_logged = false;
     while !ctl.is_stopped() {
-        match UnixStream::connect(path) {
+        let wait = match UnixStream::connect(path) {
             Ok(stream) => {
-                tracing::info!(socket = %path.display(), "connected to frontend");
-                backoff = MIN;
                 waiting_logged = false;
-                end_session(serve_connection(stream, backend, ctl));
+                let verbose = ctl.admit_session_log();
+                session_info!(verbose, socket = %path.display(), "connected to frontend");
+                let began = Instant::now();
+                serve_connection(stream, backend, handoff, ctl, verbose);
+                reconnect.after_session(began.elapsed())
             }
             Err(e) => {
                 if !waiting_logged {
                     tracing::info!(socket = %path.display(), error = %e, "waiting for the frontend socket");
                     waiting_logged = true;
                 }
-                // Sleep in small steps so a stop request is seen quickly.
-                let until = std::time::Instant::now() + backoff;
-                while std::time::Instant::now() < until && !ctl.is_stopped() {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                backoff = (backoff * 2).min(MAX);
+                reconnect.after_failed_connect()
             }
-        }
+        };
+        ctl.sleep(wait);
     }
-}
-
-fn end_session(r: Result<(), ServerError>) {
-    match r {
-        Ok(()) => tracing::info!("frontend disconnected"),
-        Err(e) => tracing::warn!(error = %e, "session ended"),
-    }
-}
-
-/// A listener on a private abstract socket and a stream connected to it: how the relay hands a
-/// connection to the library's request handler.
-fn private_pair() -> io::Result<(Listener, UnixStream)> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!(
-        "vhost-pump/{}/{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-    let listener = UnixListener::bind_addr(&addr)?;
-    let stream = UnixStream::connect_addr(&addr)?;
-    Ok((Listener::from(listener), stream))
 }
 
 /// Logs the device's counters (cumulative over sessions), one line per queue pair.
-fn log_counters(backend: &NetBackend) {
+fn log_counters(backend: &NetBackend, verbose: bool) {
     use std::sync::atomic::Ordering::Relaxed;
     for (pair, q) in backend.stats().iter().enumerate() {
-        tracing::info!(
+        session_info!(
+            verbose,
             pair,
             rx_frames = q.rx.frames.load(Relaxed),
             rx_bytes = q.rx.bytes.load(Relaxed),
@@ -210,41 +387,117 @@ fn log_counters(backend: &NetBackend) {
     }
 }
 
-/// Serves one frontend connection until it ends.
+/// Serves one frontend connection until it ends, logging how it ended (at debug level unless
+/// `verbose`) and counting what the session did wrong.
 pub fn serve_connection(
     frontend: UnixStream,
     backend: &Arc<NetBackend>,
+    handoff: &Handoff,
     ctl: &ServeControl,
-) -> Result<(), ServerError> {
+    verbose: bool,
+) {
     backend.reset();
+    backend.set_session_logging(verbose);
+    ctl.counters.started.fetch_add(1, Ordering::Relaxed);
     ctl.set_active(frontend.try_clone().ok());
-    let result = serve_session(frontend, backend);
+    let refused_before = handoff.refused();
+    let result = serve_session(frontend, backend, handoff, verbose);
     ctl.set_active(None);
-    result
+    // Release what the session left with the device (guest memory and its descriptors, the
+    // rings' eventfds) now rather than when the next frontend comes.
+    backend.reset();
+    ctl.counters.refused_peers.fetch_add(
+        handoff.refused().saturating_sub(refused_before),
+        Ordering::Relaxed,
+    );
+    ctl.counters.count_end(&result);
+    match result {
+        Ok(()) => session_info!(verbose, "frontend disconnected"),
+        Err(e) if verbose => tracing::warn!(error = %e, "session ended"),
+        Err(e) => tracing::debug!(error = %e, "session ended"),
+    }
 }
 
-fn serve_session(frontend: UnixStream, backend: &Arc<NetBackend>) -> Result<(), ServerError> {
+/// Stops a started request handler and the vring workers when a session ends, however it ends.
+struct Running<'a> {
+    daemon: &'a mut VhostUserDaemon<Arc<NetBackend>>,
+    handlers: Vec<Arc<vhost_user_backend::VringEpollHandler<Arc<NetBackend>>>>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        // Unblocks a handler that is still connected (a failed setup); harmless otherwise.
+        self.daemon.request_shutdown();
+        if let Err(e) = self.daemon.wait() {
+            tracing::debug!(error = %e, "request handler ended");
+        }
+        for h in &self.handlers {
+            h.send_exit_event();
+        }
+    }
+}
+
+fn serve_session(
+    frontend: UnixStream,
+    backend: &Arc<NetBackend>,
+    handoff: &Handoff,
+    verbose: bool,
+) -> Result<(), ServerError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
         .map_err(|e| ServerError::Session(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();
+    let running = Running {
+        daemon: &mut daemon,
+        handlers,
+    };
     backend
-        .register_host_queues(&handlers)
+        .register_host_queues(&running.handlers)
         .map_err(|e| ServerError::Session(e.to_string()))?;
-    let (mut listener, to_handler) =
-        private_pair().map_err(|e| ServerError::Session(e.to_string()))?;
-    daemon
-        .start(&mut listener)
-        .map_err(|e| ServerError::Session(e.to_string()))?;
-    drop(listener);
-    let relayed = relay::run(frontend, to_handler);
-    let waited = daemon.wait();
-    for h in &handlers {
-        h.send_exit_event();
+    let to_handler = handoff
+        .connect_handler(|path| running.daemon.start_client(path).map_err(|e| e.to_string()))?;
+    let limits = relay::Limits::for_queue_pairs(backend.config().queue_pairs);
+    let relayed = relay::run(frontend, to_handler, &limits, !verbose);
+    drop(running);
+    log_counters(backend, verbose);
+    Ok(relayed?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_sessions_back_off_and_long_ones_reset() {
+        let mut r = Reconnect::new();
+        let waits: Vec<Duration> = (0..8)
+            .map(|_| r.after_session(Duration::from_millis(10)))
+            .collect();
+        assert_eq!(waits[0], Reconnect::MIN);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*waits.last().unwrap(), Reconnect::MAX);
+        // What a peer closing at once gets in 3 s: a handful of sessions, not thousands.
+        let mut r = Reconnect::new();
+        let (mut t, mut sessions) = (Duration::ZERO, 0);
+        while t < Duration::from_secs(3) {
+            t += r.after_session(Duration::ZERO);
+            sessions += 1;
+        }
+        assert!(sessions < 10, "{sessions}");
+        // A real session reconnects at once and starts over.
+        assert_eq!(r.after_session(Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(r.after_failed_connect(), Reconnect::MIN);
     }
-    if let Err(e) = waited {
-        tracing::debug!(error = %e, "request handler ended");
+
+    #[test]
+    fn session_log_admits_a_burst_per_window() {
+        let mut log = SessionLog::default();
+        let t0 = Instant::now();
+        let admitted = (0..100).filter(|_| log.admit(t0)).count();
+        assert_eq!(admitted, SESSION_LOG_BURST as usize);
+        assert_eq!(log.quiet, 100 - u64::from(SESSION_LOG_BURST));
+        // The next window starts over (after the summary line).
+        assert!(log.admit(t0 + SESSION_LOG_WINDOW));
+        assert_eq!(log.quiet, 0);
     }
-    log_counters(backend);
-    relayed.map_err(|e| ServerError::Session(e.to_string()))
 }

@@ -757,3 +757,31 @@ impl Session {
 pub fn write_ignoring_errors(mut sock: &UnixStream, bytes: &[u8]) {
     let _ = sock.write_all(bytes);
 }
+
+/// Number of open file descriptors of process `pid` (entries of `/proc/PID/fd`).
+pub fn open_fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The names of the listening unix sockets in the calling thread's network namespace, from
+/// `/proc/thread-self/net/unix`: filesystem paths as they are, abstract names with a leading
+/// `@`. Unnamed sockets are left out.
+pub fn unix_listeners() -> Vec<String> {
+    const ACCEPTCON: u32 = 0x10000;
+    let text = std::fs::read_to_string("/proc/thread-self/net/unix").unwrap_or_default();
+    let mut names: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let name = f.get(7)?;
+            (flags & ACCEPTCON != 0).then(|| name.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
