@@ -102,6 +102,12 @@ pub struct PortArgs {
     #[arg(long)]
     pub mac_filter: bool,
 
+    /// Drop frames from the guest whose Ethernet source address is not --mac (required; the
+    /// MAC the VMM gives the guest), so a guest cannot send as another host. Counted as
+    /// `spoofed_source` drops.
+    #[arg(long)]
+    pub port_security: bool,
+
     /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..=65500))]
     pub mtu: Option<u16>,
@@ -146,6 +152,7 @@ impl PortArgs {
             mac: self.mac,
             mtu: self.mtu,
             mac_filter: self.mac_filter,
+            port_security: self.port_security,
             client: self.client,
             busy_poll_us: self.busy_poll_us,
             socket_owner: self.socket_owner.clone(),
@@ -288,6 +295,19 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("mac_filter is for af-packet ports"), "{e}");
+    }
+
+    #[test]
+    fn port_security_needs_the_guest_mac() {
+        let a = spec(&["--socket", "/s", "--tap", "t0"]).unwrap();
+        assert!(!a.port_security);
+        for host in [["--tap", "t0"], ["--af-packet", "v0"]] {
+            let base = [&["--socket", "/s"][..], &host, &["--port-security"]].concat();
+            let e = spec(&base).unwrap_err();
+            assert!(e.contains("port_security needs mac"), "{e}");
+            let a = spec(&[&base[..], &["--mac", "02:00:00:00:00:07"]].concat()).unwrap();
+            assert!(a.port_security);
+        }
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct PortSpec {
     /// AF_PACKET ports: receive only frames for `mac` (required) and broadcast/multicast.
     #[serde(default)]
     pub mac_filter: bool,
+    /// Port security: drop guest frames whose Ethernet source is not `mac` (required).
+    /// Left out of files and requests when off, so older daemons still read them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub port_security: bool,
     /// Connect to the socket instead of listening.
     #[serde(default)]
     pub client: bool,
@@ -227,6 +231,12 @@ impl PortSpec {
                 return Err(self.invalid("mac_filter needs mac: the MAC the VMM gives the guest"));
             }
         }
+        if self.port_security && self.mac.is_none() {
+            return Err(self.invalid(
+                "port_security needs mac: the MAC the VMM gives the guest, the only source \
+                 address its frames may carry",
+            ));
+        }
         let ifname = match &self.host {
             HostSpec::Tap(n) | HostSpec::AfPacket(n) => n,
         };
@@ -294,6 +304,22 @@ mac = "02:00:00:00:00:01"
         assert!(!c.port[1].mac_filter);
         let c = DaemonConfig::parse(&GOOD.replace("client = true", "mac_filter = true")).unwrap();
         assert!(c.port[1].mac_filter);
+        assert!(!c.port[1].port_security);
+    }
+
+    #[test]
+    fn port_security_is_read_written_only_when_on_and_needs_the_mac() {
+        let c =
+            DaemonConfig::parse(&GOOD.replace("client = true", "port_security = true")).unwrap();
+        assert!(c.port[1].port_security);
+        assert!(!c.port[0].port_security);
+        let text = c.to_toml().unwrap();
+        assert_eq!(text.matches("port_security").count(), 1, "{text}");
+        assert_eq!(DaemonConfig::parse(&text).unwrap().port, c.port);
+        let err = DaemonConfig::parse(&GOOD.replace("mtu = 9000", "port_security = true"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port_security needs mac"), "{err}");
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl RunningPort {
             mac = %spec.mac(),
             queues = spec.queues,
             mtu = backend.config().mtu,
+            port_security = spec.port_security,
             "port ready"
         );
         Ok(RunningPort {
@@ -208,6 +209,7 @@ impl RunningPort {
             mtu,
             queue_pairs: queues,
             max_queue_size: spec.queue_size,
+            port_security: spec.port_security,
         };
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
         Ok((Arc::new(NetBackend::new(config, port, busy)?), status))

@@ -268,14 +268,28 @@ impl HostPort for TapPort {
             .get_mut(pair)
             .and_then(Option::take)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such tap queue"))?;
-        Ok(Box::new(TapQueue { fd }))
+        Ok(Box::new(TapQueue {
+            fd,
+            rx_iov: Vec::with_capacity(8),
+            overflow: [0; 1],
+        }))
     }
 }
 
 /// One tap queue fd.
 pub struct TapQueue {
     fd: OwnedFd,
+    /// The iovecs of one `readv`: the guest's, then one byte of `overflow`.
+    rx_iov: Vec<libc::iovec>,
+    /// Catches the first byte past the guest's buffers. A tap cuts a frame longer than the
+    /// buffers of a read to their size and reports only what it copied; a byte landing here
+    /// tells that the frame did not fit.
+    overflow: [u8; 1],
 }
+
+// SAFETY: `rx_iov` holds pointers only during one `recv` call and is cleared before reuse;
+// the fd and the byte are plain data.
+unsafe impl Send for TapQueue {}
 
 fn map_io(r: isize) -> io::Result<usize> {
     if r < 0 {
@@ -297,12 +311,45 @@ impl HostQueue for TapQueue {
         self.fd.as_raw_fd()
     }
 
+    fn max_iovecs(&self) -> usize {
+        // One is kept for the overflow byte.
+        MAX_IOV - 1
+    }
+
     unsafe fn recv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
-        if iov.is_empty() || iov.len() > MAX_IOV {
+        if iov.is_empty() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: the caller guarantees every iovec is valid for writes; the count fits c_int.
-        map_io(unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+        // More iovecs than `max_iovecs` are never offered; should they be, the frame goes into
+        // the first ones (or is dropped) rather than being left in the tap for the same
+        // buffers to be offered again.
+        let iov = &iov[..iov.len().min(MAX_IOV - 1)];
+        let capacity = iov
+            .iter()
+            .map(|v| v.iov_len)
+            .fold(0usize, usize::saturating_add);
+        self.rx_iov.clear();
+        self.rx_iov.extend_from_slice(iov);
+        self.rx_iov.push(libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: self.overflow.len(),
+        });
+        // SAFETY: the caller guarantees the guest iovecs are valid for writes; the last one is
+        // `overflow`, ours for the call; the count is at most MAX_IOV and fits c_int.
+        let r = map_io(unsafe {
+            libc::readv(
+                self.fd.as_raw_fd(),
+                self.rx_iov.as_ptr(),
+                self.rx_iov.len() as libc::c_int,
+            )
+        });
+        self.rx_iov.clear();
+        match r {
+            // The tap consumed the frame and cut it: dropped, never handed on truncated (no
+            // allocation: a guest's tiny buffers can make every frame take this path).
+            Ok(n) if n > capacity => Err(io::ErrorKind::InvalidInput.into()),
+            r => r,
+        }
     }
 
     unsafe fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {

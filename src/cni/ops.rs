@@ -316,6 +316,7 @@ fn add_steps(
                 mac: st.mac.parse().ok(),
                 mtu: Some(mtu),
                 mac_filter: af_packet,
+                port_security: false,
                 client: conf.mode == VhostUserMode::Client,
                 busy_poll_us: conf.busy_poll_us.unwrap_or(10),
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),

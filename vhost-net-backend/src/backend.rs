@@ -104,12 +104,9 @@ impl NetBackend {
                 .take_queue(pair)
                 .map_err(|source| BackendError::HostQueue { pair, source })?;
             let s = Arc::new(QueueStats::default());
-            workers.push(Mutex::new(QueuePairWorker::new(
-                q,
-                s.clone(),
-                config.mtu,
-                busy_poll,
-            )));
+            let mut w = QueuePairWorker::new(q, s.clone(), config.mtu, busy_poll);
+            w.set_source_mac(config.port_security.then_some(config.mac.0));
+            workers.push(Mutex::new(w));
             stats.push(s);
         }
         Ok(NetBackend {
@@ -304,6 +301,7 @@ mod tests {
             mtu: 1500,
             queue_pairs: pairs,
             max_queue_size: 256,
+            port_security: false,
         }
     }
 
@@ -311,6 +309,24 @@ mod tests {
         let port = Arc::new(FakePort::new(pairs));
         let b = NetBackend::new(config(pairs), port.clone(), Duration::ZERO).unwrap();
         (b, port)
+    }
+
+    #[test]
+    fn port_security_reaches_every_worker() {
+        let port = Arc::new(FakePort::new(2));
+        let c = NetConfig {
+            port_security: true,
+            ..config(2)
+        };
+        let b = NetBackend::new(c, port, Duration::ZERO).unwrap();
+        for pair in 0..2 {
+            assert_eq!(
+                b.worker(pair).unwrap().source_mac(),
+                Some([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])
+            );
+        }
+        let (b, _) = backend(1);
+        assert_eq!(b.worker(0).unwrap().source_mac(), None);
     }
 
     #[test]

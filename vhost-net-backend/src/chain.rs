@@ -130,6 +130,33 @@ pub unsafe fn write_at(iov: &[libc::iovec], mut offset: usize, bytes: &[u8]) -> 
     src.is_empty()
 }
 
+/// Reads `out.len()` bytes from byte `offset` of the buffer described by `iov`. Returns false
+/// when the buffer is too short (`out` is then partly filled).
+///
+/// # Safety
+/// Every entry of `iov` must describe memory valid for reads.
+pub unsafe fn read_at(iov: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> bool {
+    let mut dst = &mut out[..];
+    for v in iov {
+        if dst.is_empty() {
+            break;
+        }
+        if offset >= v.iov_len {
+            offset -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - offset).min(dst.len());
+        for (i, b) in dst[..n].iter_mut().enumerate() {
+            // SAFETY: offset + i < iov_len, inside a buffer the caller guarantees readable.
+            // Guest memory is shared with another process, so read volatile bytes.
+            *b = unsafe { std::ptr::read_volatile(v.iov_base.cast::<u8>().add(offset + i)) };
+        }
+        dst = &mut dst[n..];
+        offset = 0;
+    }
+    dst.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_queue::{Queue, QueueT};
@@ -380,5 +407,30 @@ mod tests {
         assert!(unsafe { write_at(&iov, 0, &[]) });
         assert_eq!(a, [0, 0, 0, 1]);
         assert_eq!(b, [2, 3, 0, 0, 0, 0, 0, 9]);
+    }
+
+    #[test]
+    fn read_at_spans_iovecs_and_refuses_short_buffers() {
+        let a = [1u8, 2, 3];
+        let b = [4u8, 5, 6, 7];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_ptr().cast_mut().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        let mut out = [0u8; 3];
+        // SAFETY: both iovecs describe live local arrays of their stated lengths.
+        assert!(unsafe { read_at(&iov, 2, &mut out) });
+        assert_eq!(out, [3, 4, 5]);
+        // SAFETY: as above.
+        assert!(!unsafe { read_at(&iov, 6, &mut out) });
+        assert_eq!(out[0], 7);
+        // SAFETY: as above.
+        assert!(unsafe { read_at(&iov, 7, &mut []) });
     }
 }

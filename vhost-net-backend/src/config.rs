@@ -94,6 +94,8 @@ pub struct NetConfig {
     pub queue_pairs: usize,
     /// Largest queue size the frontend may choose.
     pub max_queue_size: u16,
+    /// Port security: drop guest frames whose Ethernet source address is not `mac`.
+    pub port_security: bool,
 }
 
 impl NetConfig {
@@ -152,6 +154,7 @@ mod tests {
             mtu: 9000,
             queue_pairs: 2,
             max_queue_size: 1024,
+            port_security: false,
         };
         assert_eq!(c.read_config(0, 6), vec![2, 0, 0, 0, 0, 1]);
         assert_eq!(c.read_config(6, 2), vec![1, 0]);

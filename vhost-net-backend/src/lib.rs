@@ -12,6 +12,7 @@ pub mod features;
 mod log;
 pub mod port;
 pub mod rx;
+pub mod security;
 pub mod stats;
 #[cfg(test)]
 mod testing;
@@ -21,5 +22,5 @@ pub mod worker;
 pub use backend::{BackendError, NetBackend};
 pub use config::{MacAddr, NetConfig};
 pub use features::{GuestOffloads, HostCapabilities};
-pub use port::{HostPort, HostQueue, TxDrops};
+pub use port::{HostPort, HostQueue, TxDrops, MAX_IOVECS};
 pub use stats::{DropReason, QueueStats};

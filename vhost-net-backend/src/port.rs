@@ -9,6 +9,10 @@ use std::os::fd::RawFd;
 
 use crate::features::{GuestOffloads, HostCapabilities};
 
+/// Most iovecs one `readv`/`writev` takes on Linux (UIO_MAXIOV): the default bound of
+/// [`HostQueue::max_iovecs`].
+pub const MAX_IOVECS: usize = 1024;
+
 /// One queue pair's host endpoint, used by exactly one worker thread.
 pub trait HostQueue: Send {
     /// The fd that becomes readable when a frame waits for the guest. It is registered
@@ -23,9 +27,16 @@ pub trait HostQueue: Send {
         None
     }
 
-    /// Reads one frame, virtio-net header first, into `iov`. Returns its length (header included),
-    /// or `WouldBlock` when no frame waits. A frame that does not fit must be dropped and reported
-    /// as an error of kind `InvalidInput`, never truncated.
+    /// Most iovecs [`HostQueue::recv`] takes. The worker never offers more: a frame is placed in
+    /// at most this many guest buffers, and one that does not fit in them is dropped.
+    fn max_iovecs(&self) -> usize {
+        MAX_IOVECS
+    }
+
+    /// Reads one frame, virtio-net header first, into `iov` (1 to [`HostQueue::max_iovecs`]
+    /// entries). Returns its length (header included), or `WouldBlock` when no frame waits. A
+    /// frame that does not fit must be consumed, dropped and reported as an error of kind
+    /// `InvalidInput`, never truncated: the worker offers the same buffers to the next frame.
     ///
     /// # Safety
     /// Every entry of `iov` must describe memory that is valid for writes for its whole length

@@ -40,8 +40,8 @@ unsafe impl Send for RxBuffers {}
 
 /// Outcome of offering one frame slot to the host port.
 pub enum Slot<'a> {
-    /// Buffers for a whole frame; pass them to the host port's `recv`.
-    Ready(&'a [libc::iovec]),
+    /// Buffers for a whole frame, and their total length; pass them to the host port's `recv`.
+    Ready(&'a [libc::iovec], usize),
     /// The guest has not posted enough buffers; wait for its next kick.
     Starved,
 }
@@ -71,20 +71,27 @@ impl RxBuffers {
     /// Takes chains from the avail ring until `need` bytes are held (or one chain, without
     /// MRG_RXBUF), and tells whether a frame can be received now. Malformed chains are returned
     /// to the guest as used with length 0 and counted.
+    ///
+    /// At most `max_iov` iovecs are offered for one frame (the host queue's limit). Gathering
+    /// stops there: buffers beyond it could not take any of the frame, so a guest posting many
+    /// tiny buffers gets frames that fit the first `max_iov` of them, and the rest are dropped
+    /// by the host queue (never retried on the same buffers).
     pub fn prepare(
         &mut self,
         queue: &mut Queue,
         mem: &Arc<GuestMemoryMmap>,
         need: usize,
         mergeable: bool,
+        max_iov: usize,
         stats: &DirectionStats,
     ) -> Slot<'_> {
         if self.mem.as_ref().is_some_and(|m| !Arc::ptr_eq(m, mem)) {
             self.give_back(queue);
         }
+        let max_iov = max_iov.max(1);
         let want_more = |s: &Self| {
             if mergeable {
-                s.capacity < need
+                s.capacity < need && s.iov.len() < max_iov
             } else {
                 s.chains.is_empty()
             }
@@ -126,21 +133,22 @@ impl RxBuffers {
         let ready = if mergeable {
             // When the guest gave every buffer it can, waiting cannot help: use what is held.
             // The descriptor table is the limit: another chain as long as the longest held one
-            // would not fit (iovecs are at least one per descriptor, so this errs early).
+            // would not fit (iovecs are at least one per descriptor, so this errs early). So is
+            // the host queue's iovec limit: buffers past it cannot take any of the frame.
             let table_full = || {
                 let longest = self.chains.iter().map(|c| c.iov_count).max().unwrap_or(0);
                 self.iov.len() + longest > usize::from(queue.size())
             };
             self.capacity >= need
-                || (blocked && !self.chains.is_empty())
-                || (!self.chains.is_empty() && table_full())
+                || (!self.chains.is_empty()
+                    && (blocked || self.iov.len() >= max_iov || table_full()))
         } else {
             !self.chains.is_empty()
         };
         if !ready {
             return Slot::Starved;
         }
-        // Hand out the iovecs of the chains a maximal frame could need.
+        // Hand out the iovecs of the chains a maximal frame could need, up to `max_iov`.
         let mut iov_count = 0;
         let mut cap = 0;
         for c in &self.chains {
@@ -151,12 +159,18 @@ impl RxBuffers {
             }
         }
         let iov = self.iov.make_contiguous();
-        Slot::Ready(&iov[..iov_count])
+        if iov_count > max_iov {
+            // The last chain offered is cut short; `complete` still counts it right, because a
+            // frame that fits lies within the offered iovecs, which start at chain boundaries.
+            iov_count = max_iov;
+            cap = iov[..iov_count].iter().map(|v| v.iov_len).sum();
+        }
+        Slot::Ready(&iov[..iov_count], cap)
     }
 
-    /// Completes a received frame of `len` bytes (header included) into the held chains,
-    /// writing `num_buffers` into the header when `hdr_has_num_buffers`. Returns the number of
-    /// chains used.
+    /// Completes a received frame of `len` bytes (header included, at most the capacity the
+    /// last [`RxBuffers::prepare`] offered) into the held chains, writing `num_buffers` into the
+    /// header when `hdr_has_num_buffers`. Returns the number of chains used.
     pub fn complete(
         &mut self,
         queue: &mut Queue,
@@ -219,7 +233,7 @@ mod tests {
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
 
-        let Slot::Ready(iov) = rx.prepare(q, &m, 1500, true, &stats) else {
+        let Slot::Ready(iov, _) = rx.prepare(q, &m, 1500, true, 1024, &stats) else {
             panic!("starved with buffers posted");
         };
         assert_eq!(iov.len(), 2);
@@ -234,7 +248,7 @@ mod tests {
         assert_eq!(d.read(bufs[0].1 + 10, 2), vec![2, 0]);
 
         // The two remaining buffers; a frame of exactly one buffer uses one.
-        let Slot::Ready(_) = rx.prepare(q, &m, 1500, true, &stats) else {
+        let Slot::Ready(..) = rx.prepare(q, &m, 1500, true, 1024, &stats) else {
             panic!("starved with buffers posted");
         };
         assert_eq!(rx.complete(q, &m, 1000, false), 1);
@@ -242,7 +256,7 @@ mod tests {
         assert_eq!(d.read(bufs[2].1 + 10, 2), vec![0xee, 0xee]);
         // One buffer of 1000 bytes left, 1500 needed, ring not full: starved, still held.
         assert!(matches!(
-            rx.prepare(q, &m, 1500, true, &stats),
+            rx.prepare(q, &m, 1500, true, 1024, &stats),
             Slot::Starved
         ));
         assert_eq!(rx.held(), 1);
@@ -264,7 +278,7 @@ mod tests {
         let mut rx = RxBuffers::default();
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
-        let Slot::Ready(iov) = rx.prepare(q, &m, 1500, false, &stats) else {
+        let Slot::Ready(iov, _) = rx.prepare(q, &m, 1500, false, 1024, &stats) else {
             panic!("starved with a good buffer posted");
         };
         assert_eq!(iov.len(), 1);

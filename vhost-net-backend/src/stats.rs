@@ -24,11 +24,13 @@ pub enum DropReason {
     NoRxBuffer,
     /// Reading from or writing to the host port failed for another reason.
     HostError,
+    /// With port security: a guest frame whose Ethernet source is not the port's MAC.
+    SpoofedSource,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::BadAddress,
         DropReason::BadChain,
         DropReason::WrongDirection,
@@ -37,6 +39,7 @@ impl DropReason {
         DropReason::HostRejected,
         DropReason::NoRxBuffer,
         DropReason::HostError,
+        DropReason::SpoofedSource,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -50,6 +53,7 @@ impl DropReason {
             DropReason::HostRejected => "host_rejected",
             DropReason::NoRxBuffer => "no_rx_buffer",
             DropReason::HostError => "host_error",
+            DropReason::SpoofedSource => "spoofed_source",
         }
     }
 }

@@ -204,6 +204,29 @@ impl<'a> Driver<'a> {
         (self.add_chain(&[(addr, len, WRITE)]), addr)
     }
 
+    /// Publishes one device-writable chain made of an indirect table of `count` buffers of
+    /// `len` bytes each. Returns its head index and the buffers' addresses.
+    pub fn add_indirect_rx(&mut self, count: u16, len: u32) -> (u16, Vec<u64>) {
+        let table = self.alloc(16 * usize::from(count));
+        let mut bufs = Vec::with_capacity(usize::from(count));
+        for i in 0..count {
+            let buf = self.alloc(len as usize);
+            bufs.push(buf);
+            let flags = if i + 1 < count { WRITE | NEXT } else { WRITE };
+            let d = SplitDescriptor::new(buf, len, flags, i + 1);
+            self.mem
+                .write_obj(
+                    RawDescriptor::from(d),
+                    GuestAddress(table + 16 * u64::from(i)),
+                )
+                .unwrap();
+        }
+        (
+            self.add_chain(&[(table, 16 * u32::from(count), INDIRECT)]),
+            bufs,
+        )
+    }
+
     /// The used ring's `idx`.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(self.used_addr.unchecked_add(2)).unwrap()
@@ -266,7 +289,21 @@ pub struct FakeQueueState {
     pub flush_drops: TxDrops,
     /// Number of `flush` calls.
     pub flushes: usize,
+    /// The queue's iovec limit (`max_iovecs`; default: the library's).
+    pub max_iov: Option<usize>,
+    /// `recv` calls refused for offering more than `max_iov` iovecs: like a `readv` past
+    /// UIO_MAXIOV, the frame stays queued.
+    pub too_many_iovecs: usize,
+    /// Largest number of iovecs offered to `recv`.
+    pub max_recv_iovecs: usize,
+    /// A frame longer than the buffers is cut to their size and reported with its full length
+    /// (as some taps do), instead of being refused.
+    pub cut_long_frames: bool,
 }
+
+/// Refusals after which [`FakeQueue::recv`] fails hard, so that a worker that keeps offering
+/// the same refused buffers ends its pass and a test fails instead of hanging.
+pub const REFUSALS_BEFORE_RESET: usize = 1000;
 
 /// An in-memory host queue; clones share the same state.
 #[derive(Clone, Default)]
@@ -299,17 +336,29 @@ impl HostQueue for FakeQueue {
         -1
     }
 
+    fn max_iovecs(&self) -> usize {
+        self.state().max_iov.unwrap_or(crate::port::MAX_IOVECS)
+    }
+
     unsafe fn recv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         let mut s = self.state();
         if let Some(kind) = s.recv_error.take() {
             return Err(kind.into());
+        }
+        s.max_recv_iovecs = s.max_recv_iovecs.max(iov.len());
+        if s.max_iov.is_some_and(|m| iov.len() > m) && !s.to_guest.is_empty() {
+            s.too_many_iovecs += 1;
+            if s.too_many_iovecs >= REFUSALS_BEFORE_RESET {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         let Some(frame) = s.to_guest.pop_front() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         let capacity: usize = iov.iter().map(|v| v.iov_len).sum();
         s.recv_capacity.push(capacity);
-        if frame.len() > capacity {
+        if frame.len() > capacity && !s.cut_long_frames {
             // Like a tap: the frame is consumed and dropped, never truncated.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

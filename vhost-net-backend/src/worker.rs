@@ -15,6 +15,7 @@ use crate::chain::{collect_chain, Access};
 use crate::features::{mrg_rxbuf, vnet_hdr_len, GuestOffloads, MAX_GSO_FRAME};
 use crate::port::HostQueue;
 use crate::rx::{RxBuffers, Slot};
+use crate::security::SourceCheck;
 use crate::stats::{DropReason, QueueStats};
 use crate::used::{UsedBatch, UsedError};
 
@@ -53,6 +54,8 @@ pub struct QueuePairWorker {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Option<[VringMutex; 2]>,
     rx_bufs: RxBuffers,
+    /// The host queue's [`HostQueue::max_iovecs`].
+    rx_max_iov: usize,
     tx_iov: Vec<libc::iovec>,
     /// One TX batch: head, range in `tx_iov`, chain length or why it is refused.
     tx_batch: Vec<(u16, usize, usize, Result<usize, DropReason>)>,
@@ -63,6 +66,8 @@ pub struct QueuePairWorker {
     max_frame: usize,
     mtu: u16,
     busy_poll: Duration,
+    /// Port security: the source address guest frames must carry.
+    source_check: Option<SourceCheck>,
     log: crate::log::Limiter,
 }
 
@@ -79,6 +84,7 @@ impl QueuePairWorker {
         busy_poll: Duration,
     ) -> Self {
         let mut w = QueuePairWorker {
+            rx_max_iov: port.max_iovecs(),
             port,
             stats,
             mem: None,
@@ -92,10 +98,23 @@ impl QueuePairWorker {
             max_frame: 0,
             mtu,
             busy_poll,
+            source_check: None,
             log: crate::log::Limiter::default(),
         };
         w.set_features(0);
         w
+    }
+
+    /// Port security: with `Some(mac)`, guest frames whose Ethernet source is not `mac` are
+    /// dropped (counted as [`DropReason::SpoofedSource`]) before they reach the host.
+    pub fn set_source_mac(&mut self, mac: Option<[u8; 6]>) {
+        self.source_check = mac.map(SourceCheck::new);
+    }
+
+    /// The port-security MAC, for tests.
+    #[cfg(test)]
+    pub(crate) fn source_mac(&self) -> Option<[u8; 6]> {
+        self.source_check.as_ref().map(SourceCheck::mac)
     }
 
     /// The negotiated header length and MRG_RXBUF, for tests.
@@ -234,20 +253,32 @@ impl QueuePairWorker {
                     match r {
                         Ok(len) if len < self.hdr_len + MIN_FRAME => self.tx_drop(DropReason::Runt),
                         Ok(len) => {
-                            // SAFETY: the iovecs were just built from guest memory that `mem`
-                            // keeps mapped for the duration of the call.
-                            match unsafe { self.port.send(&self.tx_iov[start..end]) } {
-                                Ok(_) => {
-                                    frames += 1;
-                                    bytes += (len - self.hdr_len) as u64;
-                                }
-                                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                                    self.tx_drop(DropReason::HostRejected)
-                                }
-                                Err(e) => {
-                                    self.log.warn("tx", &e);
-                                    self.tx_drop(DropReason::HostError)
-                                }
+                            let iov = &self.tx_iov[start..end];
+                            let iov = match self.source_check.as_mut() {
+                                None => Some(iov),
+                                // SAFETY: the iovecs were just built from guest memory that
+                                // `mem` keeps mapped.
+                                Some(c) => unsafe { c.check(iov, self.hdr_len) },
+                            };
+                            match iov {
+                                // SAFETY: the iovecs were just built from guest memory that
+                                // `mem` keeps mapped for the duration of the call (the first
+                                // one may point into `source_check`, untouched until the next
+                                // frame).
+                                Some(iov) => match unsafe { self.port.send(iov) } {
+                                    Ok(_) => {
+                                        frames += 1;
+                                        bytes += (len - self.hdr_len) as u64;
+                                    }
+                                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                                        self.tx_drop(DropReason::HostRejected)
+                                    }
+                                    Err(e) => {
+                                        self.log.warn("tx", &e);
+                                        self.tx_drop(DropReason::HostError)
+                                    }
+                                },
+                                None => self.tx_drop(DropReason::SpoofedSource),
                             }
                         }
                         Err(reason) => self.tx_drop(reason),
@@ -326,6 +357,11 @@ impl QueuePairWorker {
         self.log.drop("tx", reason);
     }
 
+    fn rx_drop(&mut self, reason: DropReason) {
+        self.stats.rx.drop(reason);
+        self.log.drop("rx", reason);
+    }
+
     fn process_rx(&mut self, vring: &VringMutex, mem: &Arc<GuestMemoryMmap>) -> Pass {
         let mut pass = Pass::default();
         if !self.host_readable {
@@ -339,16 +375,23 @@ impl QueuePairWorker {
         let need = self.hdr_len + self.max_frame;
         let _ = q.disable_notification(mem.as_ref());
         let mut starved_retries = 0;
+        // Host frames taken this pass, delivered or dropped: frames the guest's buffers cannot
+        // take are consumed too, and a flood of them must not keep the ring locked for good.
+        let mut taken = 0;
         loop {
-            if pass.moved >= BUDGET {
+            if taken >= BUDGET {
                 pass.more = true;
                 break;
             }
-            let iov = match self
-                .rx_bufs
-                .prepare(q, mem, need, self.mergeable, &self.stats.rx)
-            {
-                Slot::Ready(iov) => iov,
+            let (iov, capacity) = match self.rx_bufs.prepare(
+                q,
+                mem,
+                need,
+                self.mergeable,
+                self.rx_max_iov,
+                &self.stats.rx,
+            ) {
+                Slot::Ready(iov, capacity) => (iov, capacity),
                 Slot::Starved => {
                     if starved_retries == 0 {
                         self.stats
@@ -371,15 +414,24 @@ impl QueuePairWorker {
             // SAFETY: the iovecs come from `RxBuffers`, which keeps the memory map they point
             // into alive while it holds them.
             match unsafe { self.port.recv(iov) } {
-                Ok(len) if len >= self.hdr_len => {
+                // A longer frame than the buffers offered would be a host queue that truncates:
+                // never completed (that would hand the guest a cut frame), dropped like one
+                // that did not fit, and the buffers wait for the next frame.
+                Ok(len) if len >= self.hdr_len && len <= capacity => {
                     let hdr_has_num_buffers = self.hdr_len > crate::features::VNET_HDR_LEN_LEGACY;
                     self.rx_bufs.complete(q, mem, len, hdr_has_num_buffers);
                     self.stats.rx.frame(len - self.hdr_len);
                     pass.moved += 1;
+                    taken += 1;
                     starved_retries = 0;
+                }
+                Ok(len) if len > capacity => {
+                    self.rx_drop(DropReason::Oversize);
+                    taken += 1;
                 }
                 Ok(_) => {
                     self.stats.rx.drop(DropReason::HostError);
+                    taken += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.host_readable = false;
@@ -387,8 +439,8 @@ impl QueuePairWorker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                    self.stats.rx.drop(DropReason::Oversize);
-                    self.log.drop("rx", DropReason::Oversize);
+                    self.rx_drop(DropReason::Oversize);
+                    taken += 1;
                 }
                 Err(e) => {
                     self.stats.rx.drop(DropReason::HostError);
@@ -527,6 +579,50 @@ mod tests {
         p.run(false);
         assert_eq!(p.stats.idle_wakeups.load(Relaxed), 1);
         assert_eq!(interrupts(&call), 0);
+    }
+
+    #[test]
+    fn tx_port_security_passes_only_the_ports_source_address() {
+        let mac = [0x02, 0, 0, 0, 0, 0x42];
+        for (acked, hdr) in [(V1, 12), (0, 10)] {
+            let (gm, mem) = guest_memory();
+            let mut p = pair(&gm, &mem, (16, 16), 1500, acked);
+            p.worker.set_source_mac(Some(mac));
+            let from = |src: [u8; 6], seed| {
+                let mut f = frame(hdr, hdr + 60, seed);
+                f[hdr + 6..hdr + 12].copy_from_slice(&src);
+                f
+            };
+            let other = [0x02, 0, 0, 0, 0, 0x43];
+            let good = from(mac, 1);
+            let good_split = from(mac, 2);
+            let mut heads = vec![
+                p.tx.add_tx(&good, &[0]),
+                p.tx.add_tx(&from(other, 3), &[0]),
+                // Header, then a descriptor ending inside the source address.
+                p.tx.add_tx(&good_split, &[hdr, 9, 0]),
+                p.tx.add_tx(&from(other, 4), &[3, hdr + 5, 1, 0]),
+                p.tx.add_tx(&from([0xff; 6], 5), &[0]),
+            ];
+            // Shorter than a header and an Ethernet header: a runt, whatever its bytes.
+            heads.push(p.tx.add_tx(&from(mac, 6)[..hdr + 13], &[0]));
+            p.run(false);
+            assert_eq!(p.host.sent(), vec![good, good_split], "header {hdr}");
+            let s = &p.stats.tx;
+            assert_eq!(s.drops_of(DropReason::SpoofedSource), 3);
+            assert_eq!(s.drops_of(DropReason::Runt), 1);
+            assert_eq!(s.frames.load(Relaxed), 2);
+            assert_eq!(
+                p.tx.all_used(),
+                heads.iter().map(|&h| (u32::from(h), 0)).collect::<Vec<_>>()
+            );
+            // Turned off, any source passes.
+            p.worker.set_source_mac(None);
+            let spoofed = from(other, 7);
+            p.tx.add_tx(&spoofed, &[0]);
+            p.run(false);
+            assert_eq!(p.host.sent().last(), Some(&spoofed));
+        }
     }
 
     #[test]
@@ -1208,6 +1304,75 @@ mod tests {
         p.run(true);
         assert_eq!(p.host.pending(), 0);
         assert_eq!(p.stats.rx.drops_of(DropReason::Oversize), 1);
+        assert_eq!(p.rx.all_used(), vec![(u32::from(head), 112)]);
+        assert_eq!(p.rx.read(buf + 12, 100), ok[12..]);
+    }
+
+    #[test]
+    fn rx_tiny_buffers_past_the_iovec_limit_never_stall_the_queue() {
+        // 32 chains, each an indirect table of 64 one-byte buffers: 2048 bytes, enough for an
+        // MTU frame, but in twice as many iovecs as the host queue takes in one read.
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (256, 16), 1500, V1 | MRG);
+        p.host.state().max_iov = Some(1024);
+        let chains: Vec<_> = (0..32).map(|_| p.rx.add_indirect_rx(64, 1)).collect();
+        for i in 0..3 {
+            p.host.push(frame(12, 12 + 1514, i));
+        }
+        let small = frame(12, 12 + 60, 9);
+        p.host.push(small.clone());
+        p.run(true);
+        {
+            let s = p.host.state();
+            assert_eq!(
+                s.too_many_iovecs, 0,
+                "offered more iovecs than the queue takes"
+            );
+            assert_eq!(s.max_recv_iovecs, 1024);
+        }
+        // The big frames do not fit in 1024 bytes: consumed and counted, not retried.
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.stats.rx.drops_of(DropReason::Oversize), 3);
+        assert_eq!(p.stats.rx.total_drops(), 3);
+        // The same buffers take the next frame that fits: 72 bytes over 64 + 8 of them.
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 1);
+        assert_eq!(
+            p.rx.all_used(),
+            vec![(u32::from(chains[0].0), 64), (u32::from(chains[1].0), 8)]
+        );
+        let got: Vec<u8> = chains[0]
+            .1
+            .iter()
+            .chain(&chains[1].1[..8])
+            .map(|&a| p.rx.read(a, 1)[0])
+            .collect();
+        assert_eq!(got[10..12], [2, 0], "num_buffers");
+        assert_eq!(got[12..], small[12..]);
+        // Another round: the held buffers keep serving.
+        p.host.push(frame(12, 12 + 1514, 4));
+        p.host.push(small.clone());
+        p.run(true);
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.stats.rx.drops_of(DropReason::Oversize), 4);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 2);
+        assert_eq!(p.host.state().too_many_iovecs, 0);
+    }
+
+    #[test]
+    fn rx_a_frame_reported_longer_than_the_buffers_is_dropped() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1);
+        p.host.state().cut_long_frames = true;
+        let (head, buf) = p.rx.add_rx(256);
+        let ok = frame(12, 12 + 100, 2);
+        for i in 0..300 {
+            p.host.push(frame(12, 12 + 1000, i as u8));
+        }
+        p.host.push(ok.clone());
+        p.run(true);
+        // More drops than a pass's budget: all consumed, then the frame that fits lands.
+        assert_eq!(p.host.pending(), 0);
+        assert_eq!(p.stats.rx.drops_of(DropReason::Oversize), 300);
         assert_eq!(p.rx.all_used(), vec![(u32::from(head), 112)]);
         assert_eq!(p.rx.read(buf + 12, 100), ok[12..]);
     }
