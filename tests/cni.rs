@@ -1101,6 +1101,11 @@ fn af_packet_on_a_macvlan() {
             .filter(|p| procs_with(&format!("--socket {socket} ")).contains(p))
             .count();
         assert_eq!(with_filter, 1, "the sidecar runs without --mac-filter");
+        let secured = procs_with("--port-security")
+            .into_iter()
+            .filter(|p| procs_with(&format!("--socket {socket} ")).contains(p))
+            .count();
+        assert_eq!(secured, 1, "CNI ports are port-secured by default");
         assert_eq!(w.run("DEL", "afp", "eth0", &conf).ok(), None);
     } else {
         // vhost-pump without AF_PACKET support: the failure is reported and rolled back.

@@ -183,6 +183,8 @@ pub struct NetConf {
     pub vhost_pump_path: Option<PathBuf>,
     /// `--busy-poll-us` for the sidecar.
     pub busy_poll_us: Option<u32>,
+    /// Drop guest frames whose source MAC is not the guest's (`portSecurity`, default on).
+    pub port_security: bool,
     /// `--log-level` for the sidecar.
     pub log_level: String,
     /// How long ADD waits for the sidecar.
@@ -218,6 +220,7 @@ struct RawConf {
     socket_mode: Option<Value>,
     vhost_pump_path: Option<PathBuf>,
     busy_poll_us: Option<u32>,
+    port_security: Option<bool>,
     log_level: Option<String>,
     ready_timeout_ms: Option<u64>,
     runtime_config: Option<RawRuntimeConfig>,
@@ -454,6 +457,7 @@ impl NetConf {
             perms,
             vhost_pump_path: raw.vhost_pump_path,
             busy_poll_us: raw.busy_poll_us,
+            port_security: raw.port_security.unwrap_or(true),
             log_level,
             ready_timeout,
             runtime_mac,
@@ -663,6 +667,10 @@ mod tests {
         assert_eq!(c.kata, KataRuntime::Go);
         assert_eq!(c.mode, VhostUserMode::Server);
         assert_eq!(c.daemon, None);
+        assert!(
+            c.port_security,
+            "port security is on by default for CNI ports"
+        );
         assert_eq!(c.socket_dir, Path::new(DEFAULT_SOCKET_DIR));
         assert_eq!(c.perms.mode, 0o660);
         assert_eq!(

@@ -316,7 +316,7 @@ fn add_steps(
                 mac: st.mac.parse().ok(),
                 mtu: Some(mtu),
                 mac_filter: af_packet,
-                port_security: false,
+                port_security: conf.port_security,
                 client: conf.mode == VhostUserMode::Client,
                 busy_poll_us: conf.busy_poll_us.unwrap_or(10),
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),
@@ -412,6 +412,10 @@ fn start_sidecar(
     }
     if let Some(us) = conf.busy_poll_us {
         args.extend(["--busy-poll-us".into(), us.to_string()]);
+    }
+    if conf.port_security {
+        // The guest may only send as itself.
+        args.push("--port-security".into());
     }
     let spec = SidecarSpec {
         daemon: daemon.to_path_buf(),
