@@ -139,7 +139,8 @@ pub fn run(data: &[u8]) {
         let _ = fe_ours.shutdown(Shutdown::Write);
         drop(files);
     });
-    let _ = vhost_pump::relay::run(fe_theirs, h_theirs);
+    let limits = vhost_pump::relay::Limits::default();
+    let _ = vhost_pump::relay::run(fe_theirs, h_theirs, &limits, true);
     writer.join().expect("writer");
     drain.join().expect("drain");
     if let Err(p) = handler.join() {
