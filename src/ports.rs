@@ -628,6 +628,7 @@ mod tests {
                     "refused_peers": 0,
                     "stalled_frontends": 0,
                     "fd_budget_exceeded": 0,
+                    "memory_faults": 0,
                 },
                 "queues": [],
             })

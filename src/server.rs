@@ -2,6 +2,7 @@
 //! frontend at a time, forever, so the process outlives VM restarts.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -93,6 +94,7 @@ pub struct SessionCounters {
     refused_peers: AtomicU64,
     stalled_frontends: AtomicU64,
     fd_budget_exceeded: AtomicU64,
+    memory_faults: AtomicU64,
 }
 
 /// [`SessionCounters`] as numbers (`ctl stats`, metrics).
@@ -107,11 +109,15 @@ pub struct SessionStats {
     pub stalled_frontends: u64,
     /// Sessions ended for handing over more file descriptors than their budget.
     pub fd_budget_exceeded: u64,
+    /// Sessions ended because their guest memory vanished under an access (SIGBUS: a memory
+    /// file shrunk after it was handed over).
+    #[serde(default)]
+    pub memory_faults: u64,
 }
 
 impl SessionStats {
     /// The counters as (name, help, value), in a fixed order.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 4] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 5] {
         [
             ("started", "Frontend sessions started.", self.started),
             (
@@ -129,6 +135,11 @@ impl SessionStats {
                 "Sessions ended for handing over more file descriptors than their budget.",
                 self.fd_budget_exceeded,
             ),
+            (
+                "memory_faults",
+                "Sessions ended because their guest memory vanished under an access.",
+                self.memory_faults,
+            ),
         ]
     }
 }
@@ -141,6 +152,7 @@ impl SessionCounters {
             refused_peers: self.refused_peers.load(Ordering::Relaxed),
             stalled_frontends: self.stalled_frontends.load(Ordering::Relaxed),
             fd_budget_exceeded: self.fd_budget_exceeded.load(Ordering::Relaxed),
+            memory_faults: self.memory_faults.load(Ordering::Relaxed),
         }
     }
 
@@ -400,12 +412,33 @@ pub fn serve_connection(
     backend.set_session_logging(verbose);
     ctl.counters.started.fetch_add(1, Ordering::Relaxed);
     ctl.set_active(frontend.try_clone().ok());
+    // A guest memory fault (SIGBUS) during the session shuts this socket down: the session
+    // ends, the process and the other ports go on. The scope holds its own descriptor of the
+    // socket, so the number it shuts down is never reused while it is registered.
+    let fault_sock = frontend.try_clone().ok();
+    let scope = fault_sock
+        .as_ref()
+        .map(|s| vhost_net_backend::sigbus::FaultScope::new(s.as_raw_fd()));
+    backend.set_fault_scope(scope.as_ref());
     let refused_before = handoff.refused();
     let result = serve_session(frontend, backend, handoff, verbose);
     ctl.set_active(None);
     // Release what the session left with the device (guest memory and its descriptors, the
     // rings' eventfds) now rather than when the next frontend comes.
     backend.reset();
+    // The guest memory is unmapped: its ranges can be forgotten.
+    backend.set_fault_scope(None);
+    let faulted = scope.as_ref().map_or(0, |s| s.faults());
+    drop(scope);
+    drop(fault_sock);
+    if faulted > 0 {
+        ctl.counters.memory_faults.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            faults = faulted,
+            "guest memory vanished under the session (a memory file shrunk after it was handed \
+             over?); session ended"
+        );
+    }
     ctl.counters.refused_peers.fetch_add(
         handoff.refused().saturating_sub(refused_before),
         Ordering::Relaxed,

@@ -81,6 +81,9 @@ pub struct NetBackend {
     acked: AtomicU64,
     /// The session's info lines go to debug level (the caller rate-limits session logs).
     quiet: AtomicBool,
+    /// The current session's [`crate::sigbus::FaultScope`] token (0: none): guest memory
+    /// mapped for it is registered there.
+    fault_token: AtomicU64,
 }
 
 impl NetBackend {
@@ -116,6 +119,7 @@ impl NetBackend {
             stats,
             acked: AtomicU64::new(0),
             quiet: AtomicBool::new(false),
+            fault_token: AtomicU64::new(0),
         })
     }
 
@@ -154,6 +158,41 @@ impl NetBackend {
             if let Some(mut w) = self.worker(pair) {
                 w.reset();
             }
+        }
+    }
+
+    /// Ties the device's guest memory to a session's [`crate::sigbus::FaultScope`] (`None`:
+    /// no session): the memory mapped while it is set is registered there, so a fault in it
+    /// ends that session instead of the process.
+    pub fn set_fault_scope(&self, scope: Option<&crate::sigbus::FaultScope>) {
+        self.fault_token
+            .store(scope.map_or(0, |s| s.token()), Ordering::Release);
+    }
+
+    /// Registers the host ranges of `mem` with the current fault scope.
+    fn protect_memory(&self, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+        use vm_memory::{
+            GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+        };
+        let token = self.fault_token.load(Ordering::Acquire);
+        if token == 0 {
+            return;
+        }
+        let guard = mem.memory();
+        let ranges: Vec<(usize, usize)> = guard
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((host as usize, r.len() as usize))
+            })
+            .collect();
+        let placed = crate::sigbus::set_ranges(token, &ranges);
+        if placed < ranges.len() {
+            tracing::warn!(
+                regions = ranges.len(),
+                protected = placed,
+                "guest memory fault table full: a shrunk memory file in the others kills the process"
+            );
         }
     }
 
@@ -238,6 +277,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.protect_memory(&mem);
         for pair in 0..self.workers.len() {
             if let Some(mut w) = self.worker(pair) {
                 w.set_memory(mem.clone());

@@ -13,6 +13,7 @@ mod log;
 pub mod port;
 pub mod rx;
 pub mod security;
+pub mod sigbus;
 pub mod stats;
 #[cfg(test)]
 mod testing;
