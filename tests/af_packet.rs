@@ -1685,7 +1685,7 @@ fn iperf_round(vm: &mut QemuGuest, daemon: u32, server: &str, secs: u32) -> (f64
 
 /// Same-run comparison of AF_PACKET mode (veth) with tap mode: one queue pair, MTU 1500, one
 /// vCPU, one TCP stream each way, alternating modes. Opt-in (`--ignored`): it measures, the
-/// TCG guest being the bottleneck (REFERENCE.md §8), rather than checks.
+/// TCG guest being the bottleneck (under TCG the guest vCPU, not the backend, sets the pace), rather than checks.
 #[test]
 #[ignore]
 fn qemu_iperf_af_packet_vs_tap_same_run() {

@@ -179,7 +179,8 @@ fn veth_pair(ns: &Netns, a: &str, b: &str, mtu: u32, offloads_off: bool) -> Resu
     for i in [a, b] {
         ns.ip(&["link", "set", i, "mtu", &mtu.to_string(), "up"])?;
         if offloads_off {
-            // DPDK's af_packet PMD needs the veth's checksum/TSO offloads off (REFERENCE §8).
+            // DPDK's af_packet PMD needs the veth's checksum/TSO offloads off: it carries
+            // no checksum or GSO metadata, so offloaded frames arrive with bad checksums.
             ns.exec(&[
                 "ethtool", "-K", i, "rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro",
                 "off",

@@ -1,6 +1,7 @@
 //! `dpdk-testpmd` in interactive mode, driven over its stdin/stdout pipes.
 //!
-//! DPDK 22.11 quirks (REFERENCE.md §8): `--no-huge -m 1024 --no-shconf --file-prefix X` (not
+//! DPDK 22.11 quirks: `--no-huge` cannot be combined with `--in-memory`, so we pass
+//! `--no-huge -m 1024 --no-shconf --file-prefix X` (not
 //! `--in-memory`); a non-interactive testpmd exits on stdin EOF, so we run `-i` with a piped
 //! stdin we keep open, type commands and read their output (`show port stats N`).
 

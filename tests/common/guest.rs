@@ -7,8 +7,8 @@
 //! everything the guest prints (also copied to `console.log`), and [`QemuGuest::run`] types a
 //! command and cuts its output out between unique markers.
 //!
-//! Quirks of the machines this runs on (see REFERENCE.md §8): no usable KVM, so TCG
-//! (`-accel tcg,thread=multi -cpu max`) by default; on a host with working KVM set
+//! Quirks of the machines this runs on: /dev/kvm is a nested hypervisor that cannot boot a
+//! stock guest kernel, so TCG (`-accel tcg,thread=multi -cpu max`) by default; on a host with working KVM set
 //! `VHOST_PUMP_QEMU_ACCEL=kvm` (or [`GuestOpts::accel`]) for `-accel kvm -cpu host`. QEMU < 8
 //! under TCG crashes with a vhost-user netdev and MSI-X, so `vectors=0` (INTx) is added
 //! automatically there.
