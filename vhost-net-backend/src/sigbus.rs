@@ -50,6 +50,8 @@ static SESSION_TOKEN: [AtomicU64; SESSIONS] = [ZERO; SESSIONS];
 static SESSION_FAULTS: [AtomicU64; SESSIONS] = [ZERO; SESSIONS];
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+/// The page size, read once at install (the handler calls nothing it need not).
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
 /// Writers of the table take this; the handler never does.
@@ -68,6 +70,11 @@ pub fn faults() -> u64 {
 pub fn install() -> bool {
     static OK: AtomicUsize = AtomicUsize::new(0);
     INSTALL.call_once(|| {
+        // SAFETY: sysconf is a plain system-configuration query.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if page > 0 {
+            PAGE.store(page as usize, Ordering::Relaxed);
+        }
         // SAFETY: a zeroed sigaction is a valid starting point; we fill handler, flags and
         // mask before use. PREVIOUS is written once, here, before the handler can run (it is
         // installed by this same call), and only read by the handler afterwards.
@@ -188,8 +195,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
     if let Some(owner) = owner_of(addr) {
-        // SAFETY: sysconf is a plain system-configuration query.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let page = PAGE.load(Ordering::Relaxed);
         let base = addr & !(page - 1);
         // SAFETY: `base` lies in a registered guest range: a mapping of frontend memory this
         // process made and owns (vm-memory's region), which the faulting access was using.
