@@ -17,7 +17,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{self, ether_frame, Daemon, PacketSocket, ETHERTYPE_EXPERIMENTAL};
@@ -87,16 +86,7 @@ fn prereqs(test: &str) -> bool {
 /// `vhost-pump ctl stats`: the first (only) port's counters of direction `dir`, summed over
 /// queues: (frames, drops by reason).
 fn stats(control: &Path, dir: &str) -> (u64, std::collections::BTreeMap<String, u64>) {
-    let out = Command::new(netns::DAEMON_BIN)
-        .args(["ctl", "--control", control.to_str().unwrap(), "stats"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl stats: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = netns::ctl_json(control, &["stats"]);
     let mut frames = 0;
     let mut drops = std::collections::BTreeMap::new();
     for q in v[0]["queues"].as_array().unwrap() {

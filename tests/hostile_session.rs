@@ -18,28 +18,16 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::guest::skip_or_fail;
-use common::netns::{self, in_new_netns, Daemon, TempDir, DAEMON_BIN};
+use common::netns::{self, can_run, in_new_netns, Daemon, TempDir};
 use common::vhost_driver::*;
 
 const TAP: &str = "vphs0";
 const SRC_MAC: [u8; 6] = [0x02, 0x68, 0x73, 0x00, 0x00, 0x01];
 const QSIZE: u16 = 64;
 const TX: u32 = 1;
-
-fn can_run(test: &str) -> bool {
-    match netns::missing_prereqs() {
-        Some(why) => {
-            skip_or_fail(test, &why);
-            false
-        }
-        None => true,
-    }
-}
 
 /// A server-mode daemon on `dir/vu.sock` with a control socket at `dir/control.sock`.
 fn start_daemon(dir: &TempDir) -> (Daemon, PathBuf, PathBuf) {
@@ -60,17 +48,7 @@ fn start_daemon(dir: &TempDir) -> (Daemon, PathBuf, PathBuf) {
 
 /// `vhost-pump ctl stats`: the one port's object.
 fn stats(control: &Path) -> serde_json::Value {
-    let out = Command::new(DAEMON_BIN)
-        .args(["ctl", "--control", control.to_str().unwrap(), "stats"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl stats: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[0].clone()
+    netns::ctl_json(control, &["stats"])[0].clone()
 }
 
 /// A per-session event counter of the port (`sessions.NAME` in `ctl stats`).

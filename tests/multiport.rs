@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::netns::{KillOnDrop as Proc, NamedNetns};
+use common::netns::{ctl_json, KillOnDrop as Proc, NamedNetns};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -31,16 +31,6 @@ fn ctl(control: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
-    let out = ctl(control, args);
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Guest-TX frames from DPDK's virtio-user frontend for `secs` seconds.

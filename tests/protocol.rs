@@ -20,10 +20,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::guest::skip_or_fail;
 use common::netns::{
-    self, ether_frame, if_stats, in_new_netns, settled_if_stats, udp_frame, wait_until, Daemon,
-    PacketSocket, TempDir, DAEMON_BIN, ETHERTYPE_EXPERIMENTAL, PACKET_OUTGOING,
+    self, can_run, ether_frame, if_stats, in_new_netns, settled_if_stats, udp_frame, wait_until,
+    Daemon, PacketSocket, TempDir, DAEMON_BIN, ETHERTYPE_EXPERIMENTAL, PACKET_OUTGOING,
 };
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -67,17 +66,6 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 
 const fn bit(b: u32) -> u64 {
     1 << b
-}
-
-/// Reports and returns false when the tests cannot run here.
-fn can_run(test: &str) -> bool {
-    match netns::missing_prereqs() {
-        Some(why) => {
-            skip_or_fail(test, &why);
-            false
-        }
-        None => true,
-    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -27,6 +27,35 @@ use std::time::{Duration, Instant};
 /// Path of the daemon binary cargo built for the integration tests.
 pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vhost-pump");
 
+/// `vhost-pump ctl --control CONTROL ARGS…` answered as JSON (`stats`, `list`); fails the
+/// test when the command fails.
+#[track_caller]
+pub fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(DAEMON_BIN)
+        .args(["ctl", "--control", control.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Skips (or, under `CI=true`, fails) `test` when the namespace tests cannot run here; true
+/// when they can.
+pub fn can_run(test: &str) -> bool {
+    match missing_prereqs() {
+        Some(why) => {
+            super::guest::skip_or_fail(test, &why);
+            false
+        }
+        None => true,
+    }
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
