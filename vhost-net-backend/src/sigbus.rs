@@ -39,7 +39,8 @@ const EMPTY: Slot = Slot {
 
 static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 
-/// Sessions: the frontend fd of each live session, by owner token (slot = token % SESSIONS).
+/// Sessions: the token, frontend fd and fault count of each live session, in a slot it claims
+/// (a token is never reused, so a long-lived session keeps its slot whatever others do).
 const SESSIONS: usize = 256;
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_FD: AtomicI32 = AtomicI32::new(-1);
@@ -99,6 +100,9 @@ pub fn install() -> bool {
 #[derive(Debug)]
 pub struct FaultScope {
     token: u64,
+    /// The session slot it claimed; `None` when all were taken (faults in its memory are still
+    /// recovered, but its socket is not shut down and nothing is counted).
+    slot: Option<usize>,
 }
 
 impl FaultScope {
@@ -106,11 +110,15 @@ impl FaultScope {
     pub fn new(frontend_fd: RawFd) -> FaultScope {
         install();
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-        let i = (token % SESSIONS as u64) as usize;
-        SESSION_FAULTS[i].store(0, Ordering::Relaxed);
-        SESSION_FD[i].store(frontend_fd, Ordering::Relaxed);
-        SESSION_TOKEN[i].store(token, Ordering::Release);
-        FaultScope { token }
+        let slot = SESSION_TOKEN.iter().position(|t| {
+            t.compare_exchange(0, token, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        });
+        if let Some(i) = slot {
+            SESSION_FAULTS[i].store(0, Ordering::Relaxed);
+            SESSION_FD[i].store(frontend_fd, Ordering::Release);
+        }
+        FaultScope { token, slot }
     }
 
     /// The scope's token.
@@ -120,24 +128,17 @@ impl FaultScope {
 
     /// Faults recovered in this session.
     pub fn faults(&self) -> u64 {
-        let i = (self.token % SESSIONS as u64) as usize;
-        if SESSION_TOKEN[i].load(Ordering::Acquire) == self.token {
-            SESSION_FAULTS[i].load(Ordering::Relaxed)
-        } else {
-            0
-        }
+        self.slot
+            .map_or(0, |i| SESSION_FAULTS[i].load(Ordering::Relaxed))
     }
 }
 
 impl Drop for FaultScope {
     fn drop(&mut self) {
         set_ranges(self.token, &[]);
-        let i = (self.token % SESSIONS as u64) as usize;
-        if SESSION_TOKEN[i]
-            .compare_exchange(self.token, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
+        if let Some(i) = self.slot {
             SESSION_FD[i].store(-1, Ordering::Release);
+            SESSION_TOKEN[i].store(0, Ordering::Release);
         }
     }
 }
@@ -213,8 +214,10 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         };
         if p != libc::MAP_FAILED {
             FAULTS.fetch_add(1, Ordering::Relaxed);
-            let i = (owner % SESSIONS as u64) as usize;
-            if SESSION_TOKEN[i].load(Ordering::Acquire) == owner {
+            let slot = SESSION_TOKEN
+                .iter()
+                .position(|t| t.load(Ordering::Acquire) == owner);
+            if let Some(i) = slot {
                 SESSION_FAULTS[i].fetch_add(1, Ordering::Relaxed);
                 let fd = SESSION_FD[i].load(Ordering::Acquire);
                 if fd >= 0 {
@@ -269,6 +272,20 @@ mod tests {
         drop(a);
         assert_eq!(owner_of(0x4000_0000), None);
         assert_eq!(owner_of(0x3000_0000), Some(b.token()));
+    }
+
+    #[test]
+    fn a_long_lived_session_keeps_its_slot_while_others_come_and_go() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let long = FaultScope::new(ours.as_raw_fd());
+        for _ in 0..2 * SESSIONS {
+            drop(FaultScope::new(-1));
+        }
+        let i = long.slot.expect("a slot");
+        assert_eq!(SESSION_TOKEN[i].load(Ordering::Relaxed), long.token());
+        assert_eq!(SESSION_FD[i].load(Ordering::Relaxed), ours.as_raw_fd());
+        drop(long);
+        drop(theirs);
     }
 
     /// A file mapping shrunk under us: the access reads zeros, the session's socket is shut
