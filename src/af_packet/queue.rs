@@ -29,10 +29,8 @@ use super::{AfPacketCounters, Link, Shared, RX_RING, TX_RING, TX_STALL};
 /// Epoll tokens of the queue's private set.
 const TOKEN_SOCKET: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
-/// A drain that delivered at least this many frames arms the recheck timer (any frame: the
-/// lost wake-up was seen after small drains too).
-const RECHECK_AFTER: u32 = 1;
-/// How long after such a drain the ring is looked at once more, wake-up or not.
+/// How long after a drain that found frames the ring is looked at once more, wake-up or not
+/// (any drain that found frames: the lost wake-up was seen after small drains too).
 const RECHECK_DELAY: Duration = Duration::from_millis(2);
 /// How far consumption may run ahead of an unfilled slot.
 const MAX_AHEAD: usize = RX_RING.frame_nr() / 2;
@@ -84,8 +82,8 @@ pub struct AfPacketQueue {
     wake: EventFd,
     /// Looks at the ring once more after a busy drain (see [`AfPacketQueue::recv`]).
     recheck: TimerFd,
-    /// Frames delivered since the ring was last found empty.
-    drained: u32,
+    /// A frame was delivered since the ring was last found empty.
+    drained: bool,
     /// A transmit timed out and nothing got through since: don't wait again.
     tx_stalled: bool,
     /// Where a frame too large for an RX slot is read from the socket's queue.
@@ -123,7 +121,7 @@ impl AfPacketQueue {
             ep,
             wake,
             recheck,
-            drained: 0,
+            drained: false,
             tx_stalled: false,
             bounce: vec![0; RX_BOUNCE].into_boxed_slice(),
             last_stats: Instant::now(),
@@ -557,7 +555,7 @@ impl HostQueue for AfPacketQueue {
                 // nests it); a ring left full that way would never wake anyone again. The
                 // timer sits in the worker's set directly (`recheck_fd`), and re-arming it
                 // resets its expiry count. Idle queues never arm it.
-                if std::mem::take(&mut self.drained) >= RECHECK_AFTER {
+                if std::mem::take(&mut self.drained) {
                     let _ = self.recheck.reset(RECHECK_DELAY, None);
                 }
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -573,7 +571,7 @@ impl HostQueue for AfPacketQueue {
             }
             match r {
                 Rx::Frame(len) => {
-                    self.drained = self.drained.saturating_add(1);
+                    self.drained = true;
                     return Ok(len);
                 }
                 Rx::Skip => continue,

@@ -606,7 +606,7 @@ pub fn supervise(spec_path: &Path) -> i32 {
             return 1;
         }
         first = false;
-        status.restarts += 1;
+        status.restarts = status.restarts.saturating_add(1);
         status.last_exit = Some(exit.to_string());
         if let Some(f) = &spec.status_file {
             status.save(f);
