@@ -374,7 +374,7 @@ fn frontend_that_never_reads_replies_does_not_wedge_the_port() {
             "one log line per stalled frontend, not per message"
         );
         assert!(
-            netns::wait_until(Duration::from_secs(3), || threads(&d) <= threads_idle),
+            netns::wait_until(Duration::from_secs(10), || threads(&d) <= threads_idle),
             "threads: {} idle before, {} now",
             threads_idle,
             threads(&d)
