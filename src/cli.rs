@@ -56,6 +56,16 @@ pub struct Args {
     /// Do not sandbox port threads (seccomp filter, dropped capabilities); for debugging.
     #[arg(long)]
     pub no_sandbox: bool,
+
+    /// User id port threads switch to when the daemon runs as root (an id no account uses).
+    #[arg(long, value_name = "UID", default_value_t = crate::sandbox::DEFAULT_ID,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub sandbox_uid: u32,
+
+    /// Group id port threads switch to when the daemon runs as root.
+    #[arg(long, value_name = "GID", default_value_t = crate::sandbox::DEFAULT_ID,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub sandbox_gid: u32,
 }
 
 /// Log output format.

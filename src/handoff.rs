@@ -22,6 +22,11 @@
 //! directory and may enter it despite its mode (`CAP_DAC_OVERRIDE` or `CAP_DAC_READ_SEARCH`)
 //! can connect at all; such a process could also replace the socket, but it could as well
 //! trace the daemon, which is beyond what this guards against.
+//!
+//! When port threads run under the sandbox's unprivileged identity
+//! ([`crate::sandbox::port_identity`]) the directory and socket belong to that identity instead
+//! of root (the handler connects as it, with no capability left to pass a root-only mode), and
+//! the peer check expects that uid.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -177,9 +182,26 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-/// True when `md` describes a directory only this user can enter.
+/// True when `md` describes a directory only this user (or the sandbox identity) can enter.
 fn is_private_dir(md: &std::fs::Metadata, euid: u32) -> bool {
-    md.is_dir() && md.uid() == euid && md.permissions().mode() & 0o077 == 0
+    let owner_ok =
+        md.uid() == euid || crate::sandbox::port_identity().is_some_and(|id| id.uid == md.uid());
+    md.is_dir() && owner_ok && md.permissions().mode() & 0o077 == 0
+}
+
+/// Hands the directory and socket to the identity port threads run as, if any; returns the
+/// uid the request handler will connect with.
+fn give_to_port_threads(dir: &Path, socket: &Path) -> io::Result<u32> {
+    match crate::sandbox::port_identity() {
+        Some(id) => {
+            for p in [socket, dir] {
+                std::os::unix::fs::lchown(p, Some(id.uid), Some(id.gid))?;
+            }
+            Ok(id.uid)
+        }
+        // SAFETY: geteuid has no preconditions.
+        None => Ok(unsafe { libc::geteuid() }),
+    }
 }
 
 /// Removes the private directories under `base` that a daemon left behind when it died
@@ -307,8 +329,10 @@ pub fn create(fallback: Option<&Path>) -> Result<(HandoffDir, Handoff), HandoffE
                 path: socket.clone(),
                 source,
             })?;
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
+        let uid = give_to_port_threads(&dir, &socket).map_err(|source| HandoffError::Listen {
+            path: socket.clone(),
+            source,
+        })?;
         let handoff = Handoff {
             listener,
             socket: socket.to_str().unwrap_or_default().to_string(),

@@ -149,6 +149,7 @@ fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<
         );
         sandbox::disable();
     } else {
+        sandbox::set_identity(args.sandbox_uid, args.sandbox_gid);
         sandbox::enable();
     }
     let registry = Arc::new(match &args.state_file {

@@ -128,6 +128,17 @@ impl RunningPort {
             spec.socket.clone(),
             spec.name.clone(),
         );
+        // In client mode the VMM's socket is connected to by a dialer thread that keeps the
+        // daemon's identity: the VMM's socket is usually root's, out of the sandboxed port
+        // thread's reach. It connects to that one path only, when the port thread asks.
+        let dialer = if spec.client {
+            Some(
+                server::Dialer::spawn(&spec.name, spec.socket.clone())
+                    .map_err(PortError::Thread)?,
+            )
+        } else {
+            None
+        };
         // The thread reports whether it could sandbox itself before it serves anything; one
         // that could not ends there (fail closed), and so does the port's start.
         let (sandboxed_tx, sandboxed_rx) = std::sync::mpsc::sync_channel(1);
@@ -142,9 +153,10 @@ impl RunningPort {
                 if refused {
                     return;
                 }
-                match listener {
-                    Some(l) => server::serve_listener(&l, &b, &handoff, &c),
-                    None => server::serve_client(&socket, &b, &handoff, &c),
+                match (listener, dialer) {
+                    (Some(l), _) => server::serve_listener(&l, &b, &handoff, &c),
+                    (None, Some(d)) => server::serve_client(&socket, &d, &b, &handoff, &c),
+                    (None, None) => {}
                 }
             })
             .map_err(PortError::Thread)?;
@@ -212,7 +224,9 @@ impl RunningPort {
             port_security: spec.port_security,
         };
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
-        Ok((Arc::new(NetBackend::new(config, port, busy)?), status))
+        let backend = NetBackend::new(config, port, busy)?;
+        backend.set_request_thread_hook(crate::sandbox::harden_port_descendant);
+        Ok((Arc::new(backend), status))
     }
 
     /// The port's specification.

@@ -561,6 +561,34 @@ impl Ends {
     }
 }
 
+/// Asks the request handler for its features before any frontend message reaches it, and
+/// returns them. The handler answers from the thread that will serve the session; the first
+/// call into the device from that thread is where the thread restricts itself (see
+/// `crate::sandbox::harden_port_descendant`), so after this the handler thread is confined no
+/// matter what the frontend sends first. A handler that offers no features at all could not
+/// restrict itself.
+pub fn probe_handler(handler: &UnixStream, timeout: Duration) -> Result<u64, RelayError> {
+    handler.set_read_timeout(Some(timeout))?;
+    handler.set_write_timeout(Some(timeout))?;
+    let req = FrontendReq::GET_FEATURES as u32;
+    send(
+        handler,
+        &Message::new(req, FLAG_VERSION_1, Vec::new()),
+        timeout,
+        RelayError::HandlerStalled,
+    )?;
+    let reply = read_message(handler)?.ok_or_else(|| {
+        RelayError::Protocol("the request handler closed the channel before its first reply".into())
+    })?;
+    handler.set_read_timeout(None)?;
+    if reply.request() != req || reply.flags() & FLAG_REPLY == 0 || reply.body.len() != 8 {
+        return Err(RelayError::Protocol(
+            "the request handler's first reply is not the features it was asked for".into(),
+        ));
+    }
+    Ok(u64_at(&reply.body, 0))
+}
+
 /// Relays one frontend connection to the handler until either side closes or `limits` are
 /// broken. `quiet` turns the session's info lines into debug lines. Returns why the session
 /// ended: `Ok` when a peer closed (or went away), an error when the relay ended it.

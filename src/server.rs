@@ -46,6 +46,9 @@ pub enum ServerError {
     /// The relay ended the session.
     #[error(transparent)]
     Relay(#[from] RelayError),
+    /// A session thread could not restrict itself, so the session was not served.
+    #[error("session not served: {0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Fails when a live listener answers at `path` or a non-socket sits there; a stale socket or
@@ -353,14 +356,55 @@ pub fn serve_listener(
     }
 }
 
-/// Connects to `path` (the frontend is the server), waiting for it to appear, and reconnects
-/// until stopped: at once after a session of a second or more, after a growing wait (up to a
-/// few seconds) after shorter ones and failed attempts.
-pub fn serve_client(path: &Path, backend: &Arc<NetBackend>, handoff: &Handoff, ctl: &ServeControl) {
+/// Connects to one fixed socket path on request, from a thread of its own that keeps the
+/// daemon's identity and privileges (it is never sandboxed). The sandboxed port thread of a
+/// client-mode port asks it for each connection to the VMM's socket; the path is fixed when the
+/// dialer starts, so a port thread can only ever get connections to its own VMM.
+#[derive(Debug)]
+pub struct Dialer {
+    requests: std::sync::mpsc::Sender<std::sync::mpsc::SyncSender<io::Result<UnixStream>>>,
+}
+
+impl Dialer {
+    /// Starts the dialer thread for `path`; it ends when the `Dialer` is dropped.
+    pub fn spawn(port: &str, path: PathBuf) -> io::Result<Dialer> {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<std::sync::mpsc::SyncSender<io::Result<UnixStream>>>();
+        std::thread::Builder::new()
+            .name(format!("dial-{port}"))
+            .spawn(move || {
+                while let Ok(reply) = rx.recv() {
+                    let _ = reply.send(UnixStream::connect(&path));
+                }
+            })?;
+        Ok(Dialer { requests: tx })
+    }
+
+    /// Connects to the dialer's path.
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.requests
+            .send(tx)
+            .map_err(|_| io::Error::other("the dialer thread is gone"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("the dialer thread is gone"))?
+    }
+}
+
+/// Connects to `path` through `dialer` (the frontend is the server), waiting for it to appear,
+/// and reconnects until stopped: at once after a session of a second or more, after a growing
+/// wait (up to a few seconds) after shorter ones and failed attempts.
+pub fn serve_client(
+    path: &Path,
+    dialer: &Dialer,
+    backend: &Arc<NetBackend>,
+    handoff: &Handoff,
+    ctl: &ServeControl,
+) {
     let mut reconnect = Reconnect::new();
     let mut waiting_logged = false;
     while !ctl.is_stopped() {
-        let wait = match UnixStream::connect(path) {
+        let wait = match dialer.connect() {
             Ok(stream) => {
                 waiting_logged = false;
                 let verbose = ctl.admit_session_log();
@@ -470,15 +514,38 @@ impl Drop for Running<'_> {
     }
 }
 
+/// Runs `f` on a new thread that first stacks the sandbox's socket-less filter
+/// ([`crate::sandbox::harden`]); threads `f` spawns inherit it.
+fn on_hardened_thread<T: Send>(
+    name: &str,
+    f: impl FnOnce() -> Result<T, ServerError> + Send,
+) -> Result<T, ServerError> {
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(s, || {
+                crate::sandbox::harden()?;
+                f()
+            })
+            .map_err(|e| ServerError::Session(format!("cannot start a session thread: {e}")))?;
+        t.join()
+            .unwrap_or_else(|_| Err(ServerError::Session(format!("{name} thread panicked"))))
+    })
+}
+
 fn serve_session(
     frontend: UnixStream,
     backend: &Arc<NetBackend>,
     handoff: &Handoff,
     verbose: bool,
 ) -> Result<(), ServerError> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
-        .map_err(|e| ServerError::Session(e.to_string()))?;
+    // Built on a hardened thread: the vring workers it spawns (which read descriptor chains)
+    // inherit the socket-less filter.
+    let mut daemon = on_hardened_thread("vu-session", || {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
+            .map_err(|e| ServerError::Session(e.to_string()))
+    })?;
     let handlers = daemon.get_epoll_handlers();
     let running = Running {
         daemon: &mut daemon,
@@ -487,13 +554,23 @@ fn serve_session(
     backend
         .register_host_queues(&running.handlers)
         .map_err(|e| ServerError::Session(e.to_string()))?;
+    // The request handler connects from this (port) thread, the only one allowed to.
     let to_handler = handoff
         .connect_handler(|path| running.daemon.start_client(path).map_err(|e| e.to_string()))?;
     let limits = relay::Limits::for_queue_pairs(backend.config().queue_pairs);
-    let relayed = relay::run(frontend, to_handler, &limits, !verbose);
+    let relayed = on_hardened_thread("vu-relay", || {
+        // The handler thread restricts itself while it answers this, before any frontend
+        // message reaches it.
+        if relay::probe_handler(&to_handler, limits.handler_send_timeout)? == 0 {
+            return Err(ServerError::Session(
+                "the request handler thread could not restrict itself".into(),
+            ));
+        }
+        Ok(relay::run(frontend, to_handler, &limits, !verbose)?)
+    });
     drop(running);
     log_counters(backend, verbose);
-    Ok(relayed?)
+    relayed
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //!   channel to the request handler, and racing to connect to any private socket it can find;
 //! - a frontend that pipelines thousands of requests and never reads the replies;
 //! - a VMM (client mode) that accepts the daemon's connection and closes it at once, forever;
-//! - a frontend that hands the daemon more file descriptors than a session needs.
+//! - a frontend that hands the daemon more file descriptors than a session needs;
+//! - and, for all of them, what a compromised session thread would find: the threads that
+//!   serve a session run as an unprivileged identity with no capability, and those that parse
+//!   frontend or guest input cannot make or connect a socket.
 //!
 //! Each test runs its own daemon with a tap in a private network namespace
 //! (`common::netns::in_new_netns`). Needs root and /dev/net/tun: skipped otherwise, failed under
@@ -28,6 +31,8 @@ const TAP: &str = "vphs0";
 const SRC_MAC: [u8; 6] = [0x02, 0x68, 0x73, 0x00, 0x00, 0x01];
 const QSIZE: u16 = 64;
 const TX: u32 = 1;
+/// The identity port threads switch to by default (`--sandbox-uid`, `--sandbox-gid`).
+const SANDBOX_ID: u32 = 65530;
 
 /// A server-mode daemon on `dir/vu.sock` with a control socket at `dir/control.sock`.
 fn start_daemon(dir: &TempDir) -> (Daemon, PathBuf, PathBuf) {
@@ -258,14 +263,15 @@ fn private_channel_cannot_be_squatted_or_reached_by_other_processes() {
             connects == 0 || refused > 0,
             "the root racer connected {connects} times, the daemon counted no refused peer"
         );
-        // Whatever the channel is, it is nothing another user can reach.
+        // Whatever the channel is, it is nothing another user can reach: a 0700 directory of
+        // the identity the port threads run as.
         for name in &found {
             assert!(!name.starts_with('@'), "private channel {name} is abstract");
             let parent = Path::new(name).parent().unwrap();
             let md = std::fs::metadata(parent).unwrap();
             assert_eq!(
                 (md.permissions().mode() & 0o777, md.uid()),
-                (0o700, 0),
+                (0o700, SANDBOX_ID),
                 "directory of {name}"
             );
         }
@@ -560,5 +566,102 @@ fn session_holding_too_many_fds_is_ended_and_its_fds_released() {
              then refused ({}); peak {peak} fds (idle {baseline}, +{held}); {after} after",
             refusal.unwrap()
         );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The lines of `/proc/PID/task/TID/status` the sandbox shows in.
+#[derive(Debug)]
+struct TaskCreds {
+    name: String,
+    uid: u32,
+    gid: u32,
+    cap_eff: u64,
+    no_new_privs: bool,
+    seccomp_filters: u32,
+}
+
+fn task_creds(pid: u32) -> Vec<TaskCreds> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|r| r.trim().to_string())
+                .unwrap_or_else(|| panic!("no {k} in {status}"))
+        };
+        let first = |k: &str| field(k).split_whitespace().next().unwrap().parse().unwrap();
+        v.push(TaskCreds {
+            name: field("Name:"),
+            uid: first("Uid:"),
+            gid: first("Gid:"),
+            cap_eff: u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+            no_new_privs: field("NoNewPrivs:") == "1",
+            seccomp_filters: field("Seccomp_filters:").parse().unwrap(),
+        });
+    }
+    v
+}
+
+#[test]
+fn session_threads_are_unprivileged_and_input_threads_make_no_socket() {
+    if !can_run("session_threads_are_unprivileged_and_input_threads_make_no_socket") {
+        return;
+    }
+    in_new_netns(|| {
+        let dir = TempDir::new("hs-creds");
+        let (mut d, sock, _control) = start_daemon(&dir);
+        // A session in progress: negotiated, TX ring running, one frame through.
+        let mut s = Session::good(&sock, &[TX], QSIZE).unwrap();
+        s.send_frame(TX, &tx_frame(SRC_MAC, 100, 9)).unwrap();
+        let tasks = task_creds(d.pid());
+        println!("{tasks:#?}");
+        let sandboxed: Vec<&TaskCreds> = tasks.iter().filter(|t| t.seccomp_filters > 0).collect();
+        // The port thread; the session thread's children: vring worker(s); the request handler;
+        // the relay's two threads.
+        assert!(
+            sandboxed.len() >= 5,
+            "expected the port, worker, handler and relay threads under seccomp: {tasks:#?}"
+        );
+        for t in &sandboxed {
+            assert_eq!(
+                (t.uid, t.gid, t.cap_eff, t.no_new_privs),
+                (SANDBOX_ID, SANDBOX_ID, 0, true),
+                "thread {t:?}"
+            );
+        }
+        let ports: Vec<&&TaskCreds> = sandboxed
+            .iter()
+            .filter(|t| t.name.starts_with("port-"))
+            .collect();
+        assert_eq!(ports.len(), 1, "one port thread: {sandboxed:#?}");
+        assert_eq!(ports[0].seccomp_filters, 1, "the port thread keeps connect");
+        for t in sandboxed.iter().filter(|t| !t.name.starts_with("port-")) {
+            assert_eq!(
+                t.seccomp_filters, 2,
+                "thread {t:?} parses frontend or guest input: it must have the socket-less \
+                 filter stacked"
+            );
+        }
+        // The main thread (and the control plane) keep root: ports can still be added.
+        let main = tasks
+            .iter()
+            .find(|t| t.seccomp_filters == 0)
+            .expect("unsandboxed main thread");
+        assert_eq!(main.uid, 0);
+        // The session goes on working after all that.
+        let base = s.fe.get_vring_base(TX).unwrap();
+        assert_eq!(base, 1);
+        drop(s);
+        good_session(&sock).unwrap();
+        d.assert_alive();
     });
 }

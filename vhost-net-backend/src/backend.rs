@@ -84,6 +84,8 @@ pub struct NetBackend {
     /// The current session's [`crate::sigbus::FaultScope`] token (0: none): guest memory
     /// mapped for it is registered there.
     fault_token: AtomicU64,
+    /// See [`NetBackend::set_request_thread_hook`].
+    request_thread_hook: std::sync::OnceLock<fn() -> bool>,
 }
 
 impl NetBackend {
@@ -120,6 +122,7 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             quiet: AtomicBool::new(false),
             fault_token: AtomicU64::new(0),
+            request_thread_hook: std::sync::OnceLock::new(),
         })
     }
 
@@ -144,6 +147,19 @@ impl NetBackend {
         self.workers
             .get(pair)
             .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Sets a function run whenever the thread serving vhost-user requests asks the device for
+    /// its features or protocol features, before it answers: a daemon uses it to restrict that
+    /// thread, which the `vhost` crate spawns without a hook of its own. When it returns false
+    /// the device offers nothing, so the session cannot go on. Only the first call has effect.
+    pub fn set_request_thread_hook(&self, hook: fn() -> bool) {
+        let _ = self.request_thread_hook.set(hook);
+    }
+
+    /// Runs the request-thread hook, if any.
+    fn request_thread_ok(&self) -> bool {
+        self.request_thread_hook.get().is_none_or(|h| h())
     }
 
     /// Whether the current session logs its info lines (`false`: at debug level instead).
@@ -236,6 +252,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
+        if !self.request_thread_ok() {
+            return 0;
+        }
         offered_features(self.config.queue_pairs, self.port.capabilities())
     }
 
@@ -265,6 +284,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        if !self.request_thread_ok() {
+            return VhostUserProtocolFeatures::empty();
+        }
         offered_protocol_features()
     }
 
@@ -387,6 +409,24 @@ mod tests {
         // The port has one queue; a second pair cannot be opened.
         let r = NetBackend::new(config(2), port, Duration::ZERO);
         assert!(matches!(r, Err(BackendError::HostQueue { pair: 1, .. })));
+    }
+
+    #[test]
+    fn a_failing_request_thread_hook_offers_nothing() {
+        use std::sync::atomic::AtomicUsize;
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        let (ok, _) = backend(1);
+        ok.set_request_thread_hook(|| {
+            CALLS.fetch_add(1, Ordering::Relaxed);
+            true
+        });
+        assert_ne!(ok.features(), 0);
+        assert!(!ok.protocol_features().is_empty());
+        assert_eq!(CALLS.load(Ordering::Relaxed), 2, "run on every features request");
+        let (refused, _) = backend(1);
+        refused.set_request_thread_hook(|| false);
+        assert_eq!(refused.features(), 0);
+        assert!(refused.protocol_features().is_empty());
     }
 
     #[test]
