@@ -422,7 +422,11 @@ mod tests {
         });
         assert_ne!(ok.features(), 0);
         assert!(!ok.protocol_features().is_empty());
-        assert_eq!(CALLS.load(Ordering::Relaxed), 2, "run on every features request");
+        assert_eq!(
+            CALLS.load(Ordering::Relaxed),
+            2,
+            "run on every features request"
+        );
         let (refused, _) = backend(1);
         refused.set_request_thread_hook(|| false);
         assert_eq!(refused.features(), 0);
