@@ -26,7 +26,7 @@
 //! When port threads run under the sandbox's unprivileged identity
 //! ([`crate::sandbox::port_identity`]) the directory and socket belong to that identity instead
 //! of root (the handler connects as it, with no capability left to pass a root-only mode), and
-//! the peer check expects that uid.
+//! the peer check accepts that uid besides the daemon's own (the pid must be ours either way).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -115,7 +115,9 @@ pub struct Handoff {
     listener: UnixListener,
     socket: String,
     pid: u32,
-    uid: u32,
+    /// The uids a connection of this process may come from: the port threads' (the handler
+    /// connects as that) and the daemon's own.
+    uids: [u32; 2],
     refused: AtomicU64,
 }
 
@@ -337,7 +339,8 @@ pub fn create(fallback: Option<&Path>) -> Result<(HandoffDir, Handoff), HandoffE
             listener,
             socket: socket.to_str().unwrap_or_default().to_string(),
             pid: std::process::id(),
-            uid,
+            // SAFETY: geteuid has no preconditions.
+            uids: [uid, unsafe { libc::geteuid() }],
             refused: AtomicU64::new(0),
         };
         return Ok((dir_guard, handoff));
@@ -366,7 +369,9 @@ impl Handoff {
 
     fn classify(&self, s: UnixStream, refused: &mut Vec<Option<PeerCred>>) -> Pending {
         match peer_cred(&s) {
-            Ok(c) if u32::try_from(c.pid) == Ok(self.pid) && c.uid == self.uid => Pending::Ours(s),
+            Ok(c) if u32::try_from(c.pid) == Ok(self.pid) && self.uids.contains(&c.uid) => {
+                Pending::Ours(s)
+            }
             Ok(c) => {
                 refused.push(Some(c));
                 Pending::Refused
