@@ -1,6 +1,7 @@
 //! Command-line contract of the `vhost-pump` daemon. Other tools and tests depend on these flags.
 //!
-//! One port from flags: `vhost-pump --socket PATH (--tap NAME | --af-packet IFNAME) ...`;
+//! One port from flags: `vhost-pump --socket-path PATH (--tap NAME | --af-packet IFNAME) ...`
+//! (`--socket` is an alias; `--fd FDNUM` serves an inherited listening socket instead);
 //! many from a file: `vhost-pump --config FILE`; a running daemon is managed with
 //! `vhost-pump ctl add|remove|list|stats`.
 
@@ -29,7 +30,7 @@ pub struct Args {
     pub port: PortArgs,
 
     /// TOML file with one `[[port]]` table per port, instead of the port flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "tap", "af_packet"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "fd", "tap", "af_packet"])]
     pub config: Option<PathBuf>,
 
     /// Serve a control socket here, for `vhost-pump ctl`.
@@ -45,9 +46,15 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
-    /// Log filter: error, warn, info, debug, trace (or a tracing filter directive).
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Log filter: error, warn, info, debug, trace (or a tracing filter directive)
+    /// [default: $RUST_LOG, else info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Print the backend's capabilities as the JSON object the vhost-user specification
+    /// defines for backend programs (`{"type": "net"}`) and exit; other flags are ignored.
+    #[arg(long)]
+    pub print_capabilities: bool,
 
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -82,8 +89,15 @@ pub enum LogFormat {
 #[command(group(clap::ArgGroup::new("host_port").args(["tap", "af_packet"])))]
 pub struct PortArgs {
     /// vhost-user socket path (listened on, or connected to with --client).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long = "socket-path", visible_alias = "socket", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+
+    /// Serve the listening Unix socket inherited as file descriptor FDNUM (systemd socket
+    /// activation, or a socket libvirt opened), instead of --socket-path. The daemon neither
+    /// changes nor removes it.
+    #[arg(long, value_name = "FDNUM", conflicts_with_all = ["socket", "client", "socket_owner",
+          "socket_group", "socket_mode"], value_parser = clap::value_parser!(i32).range(0..))]
+    pub fd: Option<i32>,
 
     /// Tap device to attach to, created in the current network namespace if missing.
     #[arg(long, value_name = "NAME")]
@@ -102,7 +116,7 @@ pub struct PortArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_queue_size)]
     pub queue_size: u16,
 
-    /// Guest MAC address [default: a stable locally administered address derived from --socket].
+    /// Guest MAC address [default: a stable locally administered address derived from the socket path].
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
 
@@ -147,7 +161,20 @@ pub struct PortArgs {
 impl PortArgs {
     /// The port these flags describe, named `name`.
     pub fn to_spec(&self, name: &str) -> Result<PortSpec, String> {
-        let socket = self.socket.clone().ok_or("--socket is required")?;
+        if self.fd.is_some() {
+            return Err(
+                "--fd names a descriptor of the daemon's own process: it is for the \
+                        daemon's command line, not for ports added with `ctl add`"
+                    .into(),
+            );
+        }
+        let socket = self.socket.clone().ok_or("--socket-path is required")?;
+        self.to_spec_at(name, socket)
+    }
+
+    /// The port these flags describe, named `name`, serving `socket` (the path of an inherited
+    /// listening socket with --fd).
+    pub fn to_spec_at(&self, name: &str, socket: PathBuf) -> Result<PortSpec, String> {
         let host = match (&self.tap, &self.af_packet) {
             (Some(t), _) => HostSpec::Tap(t.clone()),
             (None, Some(i)) => HostSpec::AfPacket(i.clone()),

@@ -22,7 +22,19 @@ fn usage_error(msg: &str) -> ExitCode {
     ExitCode::from(USAGE)
 }
 
+/// What `--print-capabilities` prints: the object the vhost-user specification defines for
+/// backend programs (`VHostUserBackendCapabilities`); a net backend has no further fields.
+const CAPABILITIES: &str = r#"{"type": "net"}"#;
+
 fn main() -> ExitCode {
+    // Before parsing: the convention is that every other flag is ignored, valid or not.
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--print-capabilities")
+    {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -39,8 +51,14 @@ fn main() -> ExitCode {
     if let Some(Command::Ctl(ctl)) = &args.command {
         return run_ctl(ctl);
     }
-    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&args.log_level) else {
-        return usage_error(&format!("invalid --log-level {:?}", args.log_level));
+    // --log-level, else RUST_LOG (the usual way to turn up a Rust program's logs), else info.
+    let (level, from) = match (&args.log_level, std::env::var("RUST_LOG")) {
+        (Some(l), _) => (l.clone(), "--log-level"),
+        (None, Ok(env)) if !env.trim().is_empty() => (env, "RUST_LOG"),
+        _ => ("info".to_string(), "--log-level"),
+    };
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&level) else {
+        return usage_error(&format!("invalid {from} {level:?}"));
     };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -55,12 +73,14 @@ fn main() -> ExitCode {
             Ok(c) => c.port,
             Err(e) => return usage_error(&e.to_string()),
         },
+        None if args.port.fd.is_some() => Vec::new(),
         None if args.port.socket.is_none()
             && args.control.is_none()
             && args.state_file.is_none() =>
         {
             return usage_error(
-                "one of --socket (with --tap or --af-packet) or --config is required",
+                "one of --socket-path or --fd (with --tap or --af-packet), or --config, is \
+                 required",
             )
         }
         None if args.port.socket.is_none() => Vec::new(),
@@ -69,7 +89,18 @@ fn main() -> ExitCode {
             Err(e) => return usage_error(&e),
         },
     };
-    match run(&args, ports) {
+    // --fd: the port's listening socket was made by whoever started us.
+    let inherited = match args.port.fd {
+        Some(fd) => match vhost_pump::server::adopt_listener(fd)
+            .map_err(|e| e.to_string())
+            .and_then(|(l, path)| Ok((args.port.to_spec_at("main", path)?, l)))
+        {
+            Ok(p) => Some(p),
+            Err(e) => return usage_error(&format!("--fd {fd}: {e}")),
+        },
+        None => None,
+    };
+    match run(&args, ports, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vhost-pump: {}", error_chain(&e));
@@ -141,7 +172,14 @@ fn raise_nofile_limit() {
     );
 }
 
-fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<()> {
+fn run(
+    args: &Args,
+    ports: Vec<vhost_pump::config::PortSpec>,
+    inherited: Option<(
+        vhost_pump::config::PortSpec,
+        std::os::unix::net::UnixListener,
+    )>,
+) -> anyhow::Result<()> {
     raise_nofile_limit();
     if args.no_sandbox {
         tracing::warn!(
@@ -158,6 +196,11 @@ fn run(args: &Args, ports: Vec<vhost_pump::config::PortSpec>) -> anyhow::Result<
     });
     let single = ports.len() == 1 && args.config.is_none();
     let mut started = 0;
+    if let Some((spec, listener)) = inherited {
+        // Like a port from flags: its failure is the daemon's.
+        registry.add_inherited(spec, listener)?;
+        started += 1;
+    }
     for spec in ports {
         let name = spec.name.clone();
         match registry.add(spec) {

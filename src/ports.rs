@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -87,7 +87,8 @@ pub struct RunningPort {
     /// The AF_PACKET port's link state and counters (none for a tap port).
     af_packet: Option<AfPacketStatus>,
     ctl: Arc<ServeControl>,
-    listener_fd: Option<RawFd>,
+    /// The socket file is this port's to remove when it stops (server mode, not inherited).
+    owns_socket: bool,
     thread: Option<JoinHandle<()>>,
     /// The private channel's directory, removed after the thread ends (the sandboxed thread
     /// cannot remove files).
@@ -99,29 +100,48 @@ impl RunningPort {
     /// Opens the host port, builds the device, binds (or starts connecting to) the socket and
     /// starts serving in a thread of its own.
     pub fn start(spec: PortSpec) -> Result<Self, PortError> {
+        Self::start_with(spec, None)
+    }
+
+    /// Like [`RunningPort::start`], but serves `inherited`, a listening socket someone else
+    /// made and keeps (systemd socket activation, libvirt): it is neither bound, nor changed,
+    /// nor removed when the port stops.
+    pub fn start_with(spec: PortSpec, inherited: Option<UnixListener>) -> Result<Self, PortError> {
         spec.validate()?;
+        let owns_socket = !spec.client && inherited.is_none();
         // A busy socket is refused before the host port is touched: a second daemon started by
         // mistake must not attach to a running daemon's tap (that would reset the offloads and
         // MTU the first one's guest relies on). The socket itself is bound last, so that once
         // it exists the port is ready to serve.
-        if !spec.client {
+        if owns_socket {
             server::check_free(&spec.socket)?;
         }
         let (backend, af_packet) = Self::build_device(&spec)?;
         // Created here, while the thread may still create directories: see crate::handoff.
         let (handoff_dir, handoff) = crate::handoff::create(spec.socket.parent())?;
-        let listener = if spec.client {
-            None
-        } else {
-            let l = server::bind(&spec.socket)?;
-            if let Err(e) = apply_socket_permissions(&spec) {
-                let _ = std::fs::remove_file(&spec.socket);
-                return Err(e);
+        let listener = match inherited {
+            Some(l) => Some(l),
+            None if spec.client => None,
+            None => {
+                let l = server::bind(&spec.socket)?;
+                if let Err(e) = apply_socket_permissions(&spec) {
+                    let _ = std::fs::remove_file(&spec.socket);
+                    return Err(e);
+                }
+                Some(l)
             }
-            Some(l)
         };
+        // Non-blocking: the loop polls it, and another process sharing an inherited listener
+        // may take a connection between the poll and the accept.
+        if let Some(l) = &listener {
+            l.set_nonblocking(true)
+                .map_err(|source| server::ServerError::Io {
+                    what: "cannot make non-blocking",
+                    path: spec.socket.clone(),
+                    source,
+                })?;
+        }
         let ctl = Arc::new(ServeControl::default());
-        let listener_fd = listener.as_ref().map(|l| l.as_raw_fd());
         let (b, c, socket, name) = (
             backend.clone(),
             ctl.clone(),
@@ -169,7 +189,7 @@ impl RunningPort {
         };
         if let Some(e) = refused {
             let _ = thread.join();
-            if !spec.client {
+            if owns_socket {
                 let _ = std::fs::remove_file(&spec.socket);
             }
             return Err(e);
@@ -189,7 +209,7 @@ impl RunningPort {
             backend,
             af_packet,
             ctl,
-            listener_fd,
+            owns_socket,
             thread: Some(thread),
             handoff_dir: Some(handoff_dir),
             started_ns: std::time::SystemTime::now()
@@ -241,11 +261,9 @@ impl RunningPort {
     }
 
     fn shutdown(&mut self) {
+        // Wakes the serving loop, wherever it waits, and cuts the session.
         self.ctl.stop();
-        if let Some(fd) = self.listener_fd.take() {
-            // SAFETY: the listener is owned by the serving thread, which is still running (it is
-            // joined below), so `fd` is open; shutdown only wakes its blocked accept().
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if std::mem::take(&mut self.owns_socket) {
             let _ = std::fs::remove_file(&self.spec.socket);
         }
         if let Some(t) = self.thread.take() {
@@ -449,6 +467,15 @@ impl PortRegistry {
 
     /// Starts a port; refuses duplicates of name or socket.
     pub fn add(&self, spec: PortSpec) -> Result<(), PortError> {
+        self.add_with(spec, None)
+    }
+
+    /// Starts a port serving an inherited listening socket (see [`RunningPort::start_with`]).
+    pub fn add_inherited(&self, spec: PortSpec, listener: UnixListener) -> Result<(), PortError> {
+        self.add_with(spec, Some(listener))
+    }
+
+    fn add_with(&self, spec: PortSpec, inherited: Option<UnixListener>) -> Result<(), PortError> {
         spec.validate()?;
         {
             let ports = self.lock();
@@ -466,7 +493,7 @@ impl PortRegistry {
             }
         }
         // Started outside the lock: opening a port can take a while and must not block others.
-        let running = RunningPort::start(spec)?;
+        let running = RunningPort::start_with(spec, inherited)?;
         let mut ports = self.lock();
         let name = running.spec.name.clone();
         if ports.contains_key(&name) {

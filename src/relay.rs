@@ -47,6 +47,9 @@ const HDR_LEN: usize = 12;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
+/// SEND_RARP requests a session may have announced; QEMU sends a handful after a migration,
+/// so more is a frontend flooding the host port with broadcasts: those are answered, not sent.
+pub const MAX_ANNOUNCEMENTS: usize = 16;
 /// More remembered early enables than this is not a real frontend.
 const MAX_PENDING_ENABLES: usize = 64;
 /// Body of ADD/REM_MEM_REG: 8 bytes of padding, then guest address, size, user address, offset.
@@ -307,6 +310,10 @@ struct Session {
     limits: Limits,
     /// Per-session info lines go to debug (the session log is rate-limited).
     quiet: bool,
+    /// The MAC of a SEND_RARP just answered, for the caller to announce.
+    announce: Option<[u8; 6]>,
+    /// SEND_RARP requests honoured so far (at most [`MAX_ANNOUNCEMENTS`]).
+    announced: usize,
 }
 
 /// A change to the tracked memory regions that a forwarded message makes.
@@ -372,6 +379,30 @@ impl Session {
     /// reply to send straight back.
     fn on_frontend(&mut self, msg: Message) -> Result<(Vec<Message>, Option<Message>), RelayError> {
         let req = msg.request();
+        if req == FrontendReq::SEND_RARP as u32 {
+            // Answered here: the `vhost` crate's handler does not know this request. The body
+            // is the guest's MAC in the first six bytes of a u64.
+            if msg.body.len() != 8 || !msg.files.is_empty() {
+                return Err(RelayError::Protocol(format!(
+                    "SEND_RARP with a body of {} bytes and {} descriptors (expected 8 and 0)",
+                    msg.body.len(),
+                    msg.files.len()
+                )));
+            }
+            if self.announced < MAX_ANNOUNCEMENTS {
+                self.announced += 1;
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&msg.body[..6]);
+                self.announce = Some(mac);
+            } else if self.announced == MAX_ANNOUNCEMENTS {
+                self.announced += 1;
+                tracing::warn!(
+                    max = MAX_ANNOUNCEMENTS,
+                    "frontend keeps sending SEND_RARP; no more announcements this session"
+                );
+            }
+            return Ok((Vec::new(), ack(&msg)));
+        }
         if req == FrontendReq::SET_VRING_ENABLE as u32 && !self.features_set && msg.body.len() == 8
         {
             let index = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
@@ -598,6 +629,18 @@ pub fn run(
     limits: &Limits,
     quiet: bool,
 ) -> Result<(), RelayError> {
+    run_with(frontend, handler, limits, quiet, &|_| {})
+}
+
+/// [`run`], calling `announce` with the MAC of each `SEND_RARP` the frontend sends (after a
+/// migration), up to [`MAX_ANNOUNCEMENTS`] per session.
+pub fn run_with(
+    frontend: UnixStream,
+    handler: UnixStream,
+    limits: &Limits,
+    quiet: bool,
+    announce: &dyn Fn([u8; 6]),
+) -> Result<(), RelayError> {
     frontend.set_write_timeout(Some(limits.frontend_send_timeout))?;
     handler.set_write_timeout(Some(limits.handler_send_timeout))?;
     let ends = Arc::new(Ends {
@@ -635,6 +678,9 @@ pub fn run(
     let forward = (|| -> Result<(), RelayError> {
         while let Some(msg) = read_message(&frontend)? {
             let (to_handler, reply) = session.on_frontend(msg)?;
+            if let Some(mac) = session.announce.take() {
+                announce(mac);
+            }
             for m in &to_handler {
                 send(
                     &handler,
@@ -770,6 +816,39 @@ mod tests {
             s.on_frontend(enable(i, 1, FLAG_VERSION_1)).unwrap();
         }
         assert!(s.on_frontend(enable(9999, 1, FLAG_VERSION_1)).is_err());
+    }
+
+    #[test]
+    fn send_rarp_is_answered_here_and_announcements_are_capped() {
+        let mac = [0x02, 0xaa, 0, 0, 0, 1];
+        let rarp = |flags, body: Vec<u8>| Message::new(FrontendReq::SEND_RARP as u32, flags, body);
+        let mut body = mac.to_vec();
+        body.extend_from_slice(&[0, 0]);
+        let mut s = Session::default();
+        for i in 0..MAX_ANNOUNCEMENTS + 3 {
+            let (to_handler, reply) = s
+                .on_frontend(rarp(FLAG_VERSION_1 | FLAG_NEED_REPLY, body.clone()))
+                .unwrap();
+            assert!(to_handler.is_empty(), "the handler does not know SEND_RARP");
+            let reply = reply.expect("REPLY_ACK asked for");
+            assert_eq!(
+                (reply.request(), reply.body),
+                (FrontendReq::SEND_RARP as u32, vec![0; 8])
+            );
+            let expected = (i < MAX_ANNOUNCEMENTS).then_some(mac);
+            assert_eq!(s.announce.take(), expected, "request {i}");
+        }
+        // Without NEED_REPLY: no reply.
+        let mut s = Session::default();
+        let (_, reply) = s.on_frontend(rarp(FLAG_VERSION_1, body.clone())).unwrap();
+        assert!(reply.is_none());
+        assert_eq!(s.announce, Some(mac));
+        // A body that is not one u64 is refused.
+        for bad in [vec![], vec![0; 6], vec![0; 16]] {
+            assert!(Session::default()
+                .on_frontend(rarp(FLAG_VERSION_1, bad))
+                .is_err());
+        }
     }
 
     fn memfd(len: u64) -> File {

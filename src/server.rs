@@ -2,7 +2,7 @@
 //! frontend at a time, forever, so the process outlives VM restarts.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use vhost_net_backend::NetBackend;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::handoff::{Handoff, HandoffError};
 use crate::relay::{self, RelayError};
@@ -46,9 +47,88 @@ pub enum ServerError {
     /// The relay ended the session.
     #[error(transparent)]
     Relay(#[from] RelayError),
+    /// The descriptor given with `--fd` is not a listening Unix stream socket.
+    #[error("file descriptor {fd} is not a listening Unix stream socket: {reason}")]
+    NotAListener {
+        /// The descriptor number.
+        fd: i32,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A session thread could not restrict itself, so the session was not served.
     #[error("session not served: {0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// Reads an integer socket option of `fd`.
+fn sockopt_int(fd: i32, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of the sizes given; a bad fd is an error.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes over `fd`, a listening Unix stream socket inherited from whoever started the daemon
+/// (`--fd`: systemd socket activation, libvirt), after checking that it is one. Returns it
+/// with the path it is bound to (`@name` for an abstract socket, `fd:N` for an unnamed one),
+/// which names the port in logs and stats.
+pub fn adopt_listener(fd: i32) -> Result<(UnixListener, PathBuf), ServerError> {
+    let bad = |reason: String| ServerError::NotAListener { fd, reason };
+    let opt = |name, what: &str| {
+        sockopt_int(fd, libc::SOL_SOCKET, name).map_err(|e| bad(format!("{what}: {e}")))
+    };
+    // SAFETY: F_GETFD on any integer only reads the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: fstat writes one stat into `st`, which we own; zeroed is a valid stat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket".into()));
+    }
+    if opt(libc::SO_DOMAIN, "SO_DOMAIN")? != libc::AF_UNIX {
+        return Err(bad("not a Unix socket".into()));
+    }
+    if opt(libc::SO_TYPE, "SO_TYPE")? != libc::SOCK_STREAM {
+        return Err(bad("not a stream socket".into()));
+    }
+    if opt(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? == 0 {
+        return Err(bad("not listening".into()));
+    }
+    // SAFETY: F_SETFD only changes the close-on-exec flag of a descriptor checked above.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor is an open listening Unix stream socket (checked above) that the
+    // command line hands to this process to own.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    let path = match listener.local_addr() {
+        Ok(a) => match (
+            a.as_pathname(),
+            std::os::linux::net::SocketAddrExt::as_abstract_name(&a),
+        ) {
+            (Some(p), _) => p.to_path_buf(),
+            (None, Some(name)) => PathBuf::from(format!("@{}", String::from_utf8_lossy(name))),
+            (None, None) => PathBuf::from(format!("fd:{fd}")),
+        },
+        Err(_) => PathBuf::from(format!("fd:{fd}")),
+    };
+    Ok((listener, path))
 }
 
 /// Fails when a live listener answers at `path` or a non-socket sits there; a stale socket or
@@ -170,19 +250,37 @@ impl SessionCounters {
 }
 
 /// Lets another thread stop a serving loop and see whether a frontend is connected.
-#[derive(Default)]
 pub struct ServeControl {
     stopped: AtomicBool,
+    /// Wakes a server loop waiting for a frontend. The listener itself is never shut down to
+    /// wake it: an inherited listener (`--fd`) is shared with whoever handed it over (systemd
+    /// keeps listening on it for the next activation).
+    wake: Option<EventFd>,
     active: Mutex<Option<UnixStream>>,
     counters: SessionCounters,
     log: Mutex<SessionLog>,
 }
 
+impl Default for ServeControl {
+    fn default() -> Self {
+        ServeControl {
+            stopped: AtomicBool::new(false),
+            // Without it (no eventfd left) the loop looks at the stop flag a few times a second.
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).ok(),
+            active: Mutex::default(),
+            counters: SessionCounters::default(),
+            log: Mutex::default(),
+        }
+    }
+}
+
 impl ServeControl {
-    /// Asks the loop to end and cuts the current session. A server loop blocked in `accept`
-    /// also needs its listener shut down (see [`crate::ports`]).
+    /// Asks the loop to end, wakes it if it waits for a frontend and cuts the current session.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
         if let Some(s) = self
             .active
             .lock()
@@ -329,6 +427,27 @@ impl Reconnect {
     }
 }
 
+/// Waits until `listener` has a connection to accept (true) or the loop is asked to stop.
+fn wait_for_frontend(listener: &UnixListener, ctl: &ServeControl) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ctl.wake.as_ref().map_or(-1, |w| w.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let timeout = if ctl.wake.is_some() { -1 } else { 200 };
+    // SAFETY: `fds` is an array of two pollfd we own, and its length is passed; poll ignores
+    // the entry whose fd is -1.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    n > 0 && fds[0].revents != 0 && !ctl.is_stopped()
+}
+
 /// Serves frontends that connect to `listener`, one after the other, until stopped, handing
 /// each to a request handler over `handoff`.
 pub fn serve_listener(
@@ -338,6 +457,9 @@ pub fn serve_listener(
     ctl: &ServeControl,
 ) {
     while !ctl.is_stopped() {
+        if !wait_for_frontend(listener, ctl) {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 if ctl.is_stopped() {
@@ -348,6 +470,8 @@ pub fn serve_listener(
                 serve_connection(stream, backend, handoff, ctl, verbose);
             }
             Err(_) if ctl.is_stopped() => break,
+            // Someone else sharing the listener took the connection first.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 tracing::error!(error = %e, "accept failed");
                 std::thread::sleep(Duration::from_millis(100));
@@ -566,7 +690,22 @@ fn serve_session(
                 "the request handler thread could not restrict itself".into(),
             ));
         }
-        Ok(relay::run(frontend, to_handler, &limits, !verbose)?)
+        let announce = |mac: [u8; 6]| match backend.announce(mac) {
+            Ok(sent) => session_info!(
+                verbose,
+                mac = %vhost_net_backend::MacAddr(mac),
+                sent,
+                "guest announced after migration (SEND_RARP)"
+            ),
+            Err(e) => tracing::warn!(
+                mac = %vhost_net_backend::MacAddr(mac),
+                error = %e,
+                "guest announcement (SEND_RARP) not sent"
+            ),
+        };
+        Ok(relay::run_with(
+            frontend, to_handler, &limits, !verbose, &announce,
+        )?)
     });
     drop(running);
     log_counters(backend, verbose);

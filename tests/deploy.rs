@@ -595,9 +595,9 @@ fn image_builds_static_binaries() {
     }
 }
 
-#[test]
-fn deploy_systemd_unit_runs_a_valid_command_line() {
-    let unit = read("systemd/vhost-pump@.service");
+/// The command line of `unit`'s `ExecStart=`, with the example env file's variables expanded
+/// as systemd does (`$VAR` splits into words, `${VAR}` stays one word) and `%i` as `example`.
+fn unit_argv(unit: &str) -> Vec<String> {
     let env_text = read("systemd/vhost-pump-example.env");
     let vars: Vec<(String, String)> = env_text
         .lines()
@@ -608,17 +608,12 @@ fn deploy_systemd_unit_runs_a_valid_command_line() {
             (k.to_string(), v.trim_matches('"').to_string())
         })
         .collect();
-    for section in ["[Unit]", "[Service]", "[Install]"] {
-        assert!(unit.contains(section), "{section} missing");
-    }
-    assert!(unit.contains("EnvironmentFile="));
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
     let mut argv: Vec<String> = Vec::new();
     for word in exec.split_whitespace() {
-        // $VAR splits into words, ${VAR} stays one word (systemd's rules).
         if let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
             let v = vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
             argv.push(v.unwrap_or_else(|| panic!("{name} not in the example env file")));
@@ -629,8 +624,60 @@ fn deploy_systemd_unit_runs_a_valid_command_line() {
             argv.push(word.replace("%i", "example"));
         }
     }
-    assert!(argv[0].ends_with("/vhost-pump"), "{argv:?}");
+    argv
+}
+
+#[test]
+fn deploy_systemd_units_run_valid_command_lines() {
     use clap::Parser;
-    vhost_pump::cli::Args::try_parse_from(&argv)
-        .unwrap_or_else(|e| panic!("vhost-pump refuses {argv:?}: {e}"));
+    for name in [
+        "systemd/vhost-pump@.service",
+        "systemd/vhost-pump-activated@.service",
+    ] {
+        let unit = read(name);
+        for section in ["[Unit]", "[Service]"] {
+            assert!(unit.contains(section), "{name}: {section} missing");
+        }
+        assert!(unit.contains("EnvironmentFile="), "{name}");
+        let argv = unit_argv(&unit);
+        assert!(argv[0].ends_with("/vhost-pump"), "{name}: {argv:?}");
+        let args = vhost_pump::cli::Args::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("{name}: vhost-pump refuses {argv:?}: {e}"));
+        if name.contains("activated") {
+            // systemd passes the first (only) socket of the unit as descriptor 3.
+            assert_eq!(args.port.fd, Some(3), "{name}");
+        } else {
+            assert!(args.port.socket.is_some(), "{name}");
+        }
+    }
+    let socket = read("systemd/vhost-pump-activated@.socket");
+    assert!(socket.contains("[Socket]") && socket.contains("[Install]"));
+    let listen = socket
+        .lines()
+        .find_map(|l| l.strip_prefix("ListenStream="))
+        .expect("ListenStream");
+    assert!(listen.starts_with('/'), "a Unix socket path: {listen}");
+    // One service for every connection: vhost-pump accepts them itself.
+    assert!(socket.contains("Accept=no"));
+    let service = read("systemd/vhost-pump-activated@.service");
+    assert!(service.contains("Requires=vhost-pump-activated@%i.socket"));
+}
+
+#[test]
+fn qemu_backend_descriptor_matches_the_binary() {
+    let text = read("qemu/50-vhost-pump.json");
+    let d: serde_json::Value = serde_json::from_str(&text).expect("descriptor is JSON");
+    assert_eq!(d["type"], "net");
+    assert!(d["description"].as_str().is_some_and(|s| !s.is_empty()));
+    // The same install path as the systemd units.
+    let binary = d["binary"].as_str().expect("binary");
+    let unit_binary = unit_argv(&read("systemd/vhost-pump@.service"))[0].clone();
+    assert_eq!(binary, unit_binary);
+    // What the binary says of itself agrees with the descriptor.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-pump"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["type"], d["type"]);
 }

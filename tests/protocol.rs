@@ -340,6 +340,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// Virtio features a simple guest driver acks (no receive offloads: one 2 KiB buffer holds a
@@ -1055,5 +1056,99 @@ fn client_mode_connects_reconnects_and_leaves_the_socket_on_sigterm() {
             sock.exists(),
             "a client-mode daemon removed the VMM's socket"
         );
+    });
+}
+
+/// Sends SEND_RARP for `mac` on the raw stream, with NEED_REPLY, and checks the REPLY_ACK.
+fn raw_send_rarp(conn: &Conn, mac: [u8; 6]) {
+    let req = FrontendReq::SEND_RARP as u32;
+    let mut msg = Vec::with_capacity(20);
+    msg.extend_from_slice(&req.to_le_bytes());
+    msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes());
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&mac);
+    msg.extend_from_slice(&[0, 0]);
+    (&conn.raw).write_all(&msg).expect("send SEND_RARP");
+    let mut reply = [0u8; 20];
+    (&conn.raw)
+        .read_exact(&mut reply)
+        .expect("REPLY_ACK for SEND_RARP (did the daemon drop the session?)");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), req);
+    assert_eq!(&reply[12..], &[0u8; 8], "non-zero REPLY_ACK status");
+}
+
+/// RARP frames from `src` the sniffer sees within `wait`.
+fn rarp_frames_from(sniffer: &PacketSocket, src: [u8; 6], wait: Duration) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match sniffer.recv(&mut buf, left).unwrap() {
+            Some((n, _)) if n >= 14 && buf[12..14] == [0x80, 0x35] && buf[6..12] == src => {
+                got.push(buf[..n].to_vec())
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn send_rarp_announces_the_guest_on_the_host_port() {
+    if !can_run("send_rarp_announces_the_guest_on_the_host_port") {
+        return;
+    }
+    in_new_netns(|| {
+        let dir = TempDir::new("proto-rarp");
+        let sock = dir.join("rarp.sock");
+        let control = dir.join("control.sock");
+        let _d = Daemon::start(
+            &sock,
+            TAP,
+            &[
+                "--mac",
+                MAC_STR,
+                "--port-security",
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            &dir.join("rarp.log"),
+        );
+        let mem = GuestMem::new();
+        let (mut fe, conn, mut rings) = qemu_style_session(&sock, 1, &mem);
+        let proto = fe.get_protocol_features().unwrap();
+        assert!(proto.contains(VhostUserProtocolFeatures::RARP), "{proto:?}");
+        let sniffer = PacketSocket::sniffer(TAP).expect("AF_PACKET sniffer on the tap");
+        // What QEMU sends on the migration's destination, for the guest's MAC.
+        raw_send_rarp(&conn, MAC);
+        let seen = rarp_frames_from(&sniffer, MAC, Duration::from_secs(2));
+        assert_eq!(
+            seen.len(),
+            1,
+            "one RARP frame from the guest's MAC on the tap"
+        );
+        let f = &seen[0];
+        assert_eq!(&f[0..6], &BROADCAST, "broadcast");
+        assert_eq!(
+            &f[14..22],
+            &[0, 1, 8, 0, 6, 4, 0, 3],
+            "RARP request-reverse header"
+        );
+        assert_eq!((&f[22..28], &f[32..38]), (&MAC[..], &MAC[..]));
+        // With port security, another MAC is not announced: counted like a spoofed frame.
+        let other = [0x02, 0x56, 0x50, 0x00, 0x00, 0x99];
+        raw_send_rarp(&conn, other);
+        assert!(rarp_frames_from(&sniffer, other, Duration::from_millis(500)).is_empty());
+        let v = netns::ctl_json(&control, &["stats"]);
+        let q = &v[0]["queues"][0]["tx"];
+        assert_eq!(q["drops"]["spoofed_source"], 1, "{q}");
+        assert_eq!(
+            q["frames"], 1,
+            "the announcement counts as a frame sent: {q}"
+        );
+        // The session goes on: frames still cross both ways.
+        exercise_rings(&mut rings, "after-rarp");
+        drop(fe);
     });
 }

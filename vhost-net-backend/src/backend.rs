@@ -149,6 +149,24 @@ impl NetBackend {
             .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Announces the guest at `mac` on the host side after a migration (the vhost-user
+    /// `SEND_RARP` request): sends a broadcast RARP frame from `mac` out of the host port, so
+    /// switches and bridges learn the guest's new location at once. Nothing is sent when the
+    /// guest announces itself (`VIRTIO_NET_F_GUEST_ANNOUNCE` negotiated). With port security a
+    /// `mac` other than the port's is dropped and counted like a spoofed guest frame. Returns
+    /// whether a frame was sent.
+    pub fn announce(&self, mac: [u8; 6]) -> std::io::Result<bool> {
+        let acked = self.acked.load(Ordering::Relaxed);
+        if acked & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE) != 0 {
+            return Ok(false);
+        }
+        let frame = crate::announce::rarp_frame(mac);
+        match self.worker(0) {
+            Some(mut w) => w.inject(&frame).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Sets a function run whenever the thread serving vhost-user requests asks the device for
     /// its features or protocol features, before it answers: a daemon uses it to restrict that
     /// thread, which the `vhost` crate spawns without a hook of its own. When it returns false

@@ -101,6 +101,9 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // SEND_RARP: announce the guest after a migration (answered by the daemon's relay,
+        // see NetBackend::announce).
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// Length of the per-frame virtio-net header for the acked features.

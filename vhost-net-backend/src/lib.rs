@@ -5,6 +5,7 @@
 //! Guest input is untrusted: every descriptor is checked through `vm-memory`, and bad input is
 //! counted per reason in [`QueueStats`], never a panic.
 
+pub mod announce;
 pub mod backend;
 pub mod chain;
 pub mod config;
