@@ -369,6 +369,35 @@ fn check_regions_within_files(msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
+/// Refuses a `SET_LOG_BASE` whose dirty log is not entirely inside its file: the library maps
+/// it without looking, and marking a page past the end of the file would raise SIGBUS. The
+/// library itself refuses a log too small for guest memory.
+fn check_log_base(msg: &Message) -> Result<(), RelayError> {
+    // Body: mmap_size, mmap_offset; one descriptor: the log.
+    if msg.body.len() != 16 || msg.files.len() != 1 {
+        return Err(RelayError::Protocol(format!(
+            "SET_LOG_BASE with a body of {} bytes and {} descriptors (expected 16 and 1)",
+            msg.body.len(),
+            msg.files.len()
+        )));
+    }
+    let (size, offset) = (u64_at(&msg.body, 0), u64_at(&msg.body, 8));
+    let md = msg.files[0].metadata()?;
+    if !md.file_type().is_file() {
+        return Err(RelayError::Protocol(
+            "SET_LOG_BASE: the log is not a regular file (memfd or shared-memory file)".into(),
+        ));
+    }
+    if size == 0 || offset.checked_add(size).is_none_or(|end| end > md.len()) {
+        return Err(RelayError::Protocol(format!(
+            "SET_LOG_BASE: log (offset {offset:#x}, size {size:#x}) not within its file ({:#x} \
+             bytes)",
+            md.len()
+        )));
+    }
+    Ok(())
+}
+
 fn ack(msg: &Message) -> Option<Message> {
     (msg.flags() & FLAG_NEED_REPLY != 0)
         .then(|| Message::new(msg.request(), FLAG_VERSION_1 | FLAG_REPLY, vec![0; 8]))
@@ -434,6 +463,9 @@ impl Session {
                     "SET_VRING_NUM {num} is not a power of two"
                 )));
             }
+        }
+        if req == FrontendReq::SET_LOG_BASE as u32 {
+            check_log_base(&msg)?;
         }
         let is_add = req == FrontendReq::ADD_MEM_REG as u32;
         if req == FrontendReq::SET_MEM_TABLE as u32 || is_add {

@@ -178,6 +178,7 @@ pub struct SessionCounters {
     stalled_frontends: AtomicU64,
     fd_budget_exceeded: AtomicU64,
     memory_faults: AtomicU64,
+    refused_requests: AtomicU64,
 }
 
 /// [`SessionCounters`] as numbers (`ctl stats`, metrics).
@@ -196,11 +197,15 @@ pub struct SessionStats {
     /// file shrunk after it was handed over).
     #[serde(default)]
     pub memory_faults: u64,
+    /// Sessions ended because the relay refused a malformed or out-of-bounds request (e.g. a
+    /// dirty log outside its file, a ring size that is not a power of two).
+    #[serde(default)]
+    pub refused_requests: u64,
 }
 
 impl SessionStats {
     /// The counters as (name, help, value), in a fixed order.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 6] {
         [
             ("started", "Frontend sessions started.", self.started),
             (
@@ -223,6 +228,11 @@ impl SessionStats {
                 "Sessions ended because their guest memory vanished under an access.",
                 self.memory_faults,
             ),
+            (
+                "refused_requests",
+                "Sessions ended because the relay refused a malformed request.",
+                self.refused_requests,
+            ),
         ]
     }
 }
@@ -236,6 +246,7 @@ impl SessionCounters {
             stalled_frontends: self.stalled_frontends.load(Ordering::Relaxed),
             fd_budget_exceeded: self.fd_budget_exceeded.load(Ordering::Relaxed),
             memory_faults: self.memory_faults.load(Ordering::Relaxed),
+            refused_requests: self.refused_requests.load(Ordering::Relaxed),
         }
     }
 
@@ -243,6 +254,7 @@ impl SessionCounters {
         let counter = match r {
             Err(ServerError::Relay(RelayError::FrontendStalled(_))) => &self.stalled_frontends,
             Err(ServerError::Relay(RelayError::FdBudget { .. })) => &self.fd_budget_exceeded,
+            Err(ServerError::Relay(RelayError::Protocol(_))) => &self.refused_requests,
             _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);

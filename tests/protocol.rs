@@ -341,6 +341,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RARP
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Virtio features a simple guest driver acks (no receive offloads: one 2 KiB buffer holds a
@@ -1150,5 +1151,173 @@ fn send_rarp_announces_the_guest_on_the_host_port() {
         // The session goes on: frames still cross both ways.
         exercise_rings(&mut rings, "after-rarp");
         drop(fe);
+    });
+}
+
+/// `VHOST_F_LOG_ALL`: the frontend asks for guest memory writes to be logged.
+const F_LOG_ALL: u64 = 1 << 26;
+/// Pages of the test's guest memory, one bit each in the dirty log.
+const LOG_PAGES: usize = MEM_SIZE / 4096;
+
+/// A memfd of `len` bytes, zeroed.
+fn memfd(len: u64) -> File {
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vhost-pump-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// The pages marked dirty in `log`.
+fn dirty_pages(log: &File) -> Vec<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut bits = vec![0u8; LOG_PAGES / 8];
+    log.read_exact_at(&mut bits, 0).unwrap();
+    (0..LOG_PAGES)
+        .filter(|p| bits[p / 8] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+/// Sends one frame into the tap for the guest and waits for RX ring `rx` to use a buffer.
+fn frame_to_guest(rx: &mut Vring<'_>, k: u16) {
+    let before = rx.used_idx();
+    let sender = PacketSocket::sender(TAP).expect("AF_PACKET sender on the tap");
+    let f = udp_frame(
+        MAC,
+        PEER_MAC,
+        ([10, 99, 0, 1], [10, 99, 0, 2]),
+        (41000 + k, 9),
+        200,
+    );
+    sender.send(&f).expect("inject a frame into the tap");
+    assert!(
+        rx.wait_used(before.wrapping_add(1), Duration::from_secs(5)),
+        "frame {k} never reached the guest"
+    );
+}
+
+#[test]
+fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
+    if !can_run("dirty_log_marks_what_the_backend_writes_while_logging_is_on") {
+        return;
+    }
+    in_new_netns(|| {
+        use std::os::fd::AsRawFd;
+        use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+        use vhost::VhostUserDirtyLogRegion;
+        let dir = TempDir::new("proto-dirty");
+        let sock = dir.join("dirty.sock");
+        let control = dir.join("control.sock");
+        let d = Daemon::start(
+            &sock,
+            TAP,
+            &["--mac", MAC_STR, "--control", control.to_str().unwrap()],
+            &dir.join("dirty.log"),
+        );
+        let mem = GuestMem::new();
+        let (mut fe, conn, mut rings) = dpdk_style_session(&sock, 1, &mem);
+        let offered = fe.get_features().unwrap();
+        assert_ne!(offered & F_LOG_ALL, 0, "VHOST_F_LOG_ALL offered");
+        assert!(fe.get_protocol_features().unwrap().contains(P::LOG_SHMFD));
+        // As QEMU starts a migration: the log first, then LOG_ALL.
+        let log = memfd(4096);
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 4096,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .expect("SET_LOG_BASE");
+        fe.set_features(guest_features(offered) | F_LOG_ALL)
+            .expect("SET_FEATURES with LOG_ALL");
+        let (rx_used_page, first_buf_page) = (
+            (rings[0].used_gpa() / 4096) as usize,
+            (rings[0].buf_gpa(0) / 4096) as usize,
+        );
+        frame_to_guest(&mut rings[0], 0);
+        let pages = dirty_pages(&log);
+        println!("dirty pages after one received frame: {pages:?}");
+        // The frame went into the first posted buffer (with a readv the library cannot see),
+        // and its used entry and the used index into the RX used ring.
+        assert!(
+            pages.contains(&first_buf_page),
+            "RX buffer page not marked: {pages:?}"
+        );
+        assert!(
+            pages.contains(&rx_used_page),
+            "RX used ring page not marked: {pages:?}"
+        );
+        // The device never writes TX buffers (its TX used ring it may: the avail event index).
+        let tx_buf_page = (rings[1].buf_gpa(0) / 4096) as usize;
+        assert!(
+            !pages.contains(&tx_buf_page),
+            "a TX buffer page marked: {pages:?}"
+        );
+        assert!(
+            pages.len() <= 4,
+            "more pages than one frame touches: {pages:?}"
+        );
+        // Logging off (migration done or cancelled): nothing is marked any more.
+        fe.set_features(guest_features(offered))
+            .expect("SET_FEATURES without LOG_ALL");
+        std::os::unix::fs::FileExt::write_all_at(&log, &[0u8; 4096], 0).unwrap();
+        frame_to_guest(&mut rings[0], 1);
+        rings[0].take_used();
+        assert_eq!(
+            dirty_pages(&log),
+            Vec::<usize>::new(),
+            "marked with logging off"
+        );
+        drop((rings, fe, conn));
+
+        // Hostile logs end the session, counted; the port serves the next frontend.
+        let stats = || netns::ctl_json(&control, &["stats"])[0]["sessions"].clone();
+        let small = memfd(16);
+        for (what, size, offset, fd) in [
+            ("offset past the file", 4096u64, 8192u64, log.as_raw_fd()),
+            ("size past the file", 4096, 0, small.as_raw_fd()),
+        ] {
+            let (fe, conn, _rings) = dpdk_style_session(&sock, 1, &mem);
+            let r = fe.set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: size,
+                    mmap_offset: offset,
+                    mmap_handle: fd,
+                }),
+            );
+            assert!(r.is_err(), "{what}: SET_LOG_BASE accepted");
+            println!("{what}: refused ({r:?})");
+            drop((fe, conn));
+        }
+        // A log too small for guest memory (16 bytes cover 128 pages of 256): the library
+        // refuses it; the session ends.
+        let (fe, conn, _rings) = dpdk_style_session(&sock, 1, &mem);
+        let r = fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 16,
+                mmap_offset: 0,
+                mmap_handle: small.as_raw_fd(),
+            }),
+        );
+        assert!(r.is_err(), "a log smaller than guest memory was accepted");
+        println!("log smaller than guest memory: refused ({r:?})");
+        drop((fe, conn));
+        assert!(
+            wait_until(Duration::from_secs(5), || stats()["refused_requests"] == 2),
+            "refused_requests: {}",
+            stats()
+        );
+        let mem2 = GuestMem::new();
+        let (_fe, _conn, mut rings) = dpdk_style_session(&sock, 1, &mem2);
+        println!("refused_requests counted");
+        exercise_rings(&mut rings, "after-bad-logs");
+        println!("next session served");
+        drop(d);
     });
 }

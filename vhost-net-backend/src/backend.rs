@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::dirty::{DirtyLog, GuestMemoryMmap, VringMutex};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
@@ -86,6 +88,8 @@ pub struct NetBackend {
     fault_token: AtomicU64,
     /// See [`NetBackend::set_request_thread_hook`].
     request_thread_hook: std::sync::OnceLock<fn() -> bool>,
+    /// The session's guest memory, whose regions' dirty logs follow `VHOST_F_LOG_ALL`.
+    memory: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
 }
 
 impl NetBackend {
@@ -123,6 +127,7 @@ impl NetBackend {
             quiet: AtomicBool::new(false),
             fault_token: AtomicU64::new(0),
             request_thread_hook: std::sync::OnceLock::new(),
+            memory: Mutex::new(None),
         })
     }
 
@@ -147,6 +152,20 @@ impl NetBackend {
         self.workers
             .get(pair)
             .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Turns the dirty log of every guest memory region on or off, as `VHOST_F_LOG_ALL` is
+    /// acked or not (see [`crate::dirty`]).
+    fn apply_logging(&self) {
+        let on = self.acked.load(Ordering::Relaxed) & crate::features::VHOST_F_LOG_ALL != 0;
+        if let Some(m) = self
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            crate::dirty::set_logging(&vm_memory::GuestAddressSpace::memory(m), on);
+        }
     }
 
     /// Announces the guest at `mac` on the host side after a migration (the vhost-user
@@ -188,6 +207,7 @@ impl NetBackend {
     /// Forgets the previous frontend session before serving a new one.
     pub fn reset(&self) {
         self.acked.store(0, Ordering::Relaxed);
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
         for pair in 0..self.workers.len() {
             if let Some(mut w) = self.worker(pair) {
                 w.reset();
@@ -258,7 +278,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = VringMutex;
 
     fn num_queues(&self) -> usize {
@@ -299,6 +319,7 @@ impl VhostUserBackend for NetBackend {
                 w.set_features(features);
             }
         }
+        self.apply_logging();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -318,6 +339,8 @@ impl VhostUserBackend for NetBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         self.protect_memory(&mem);
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem.clone());
+        self.apply_logging();
         for pair in 0..self.workers.len() {
             if let Some(mut w) = self.worker(pair) {
                 w.set_memory(mem.clone());
@@ -519,7 +542,11 @@ mod tests {
         assert_eq!(b.num_queues(), 6);
         assert_eq!(b.max_queue_size(), 256);
         assert_eq!(b.queues_per_thread(), vec![0b11, 0b1100, 0b11_0000]);
-        assert!(b.exit_event(0).is_some());
+        // The consumer shares the notifier's descriptor (see `exit_event_pair`): like the
+        // library, give it up without closing it, or the descriptor would be closed twice.
+        let (consumer, notifier) = b.exit_event(0).expect("exit event");
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(consumer);
+        drop(notifier);
         // Host events use a token the library does not reserve (0..=num_queues).
         assert_eq!(host_token(b.num_queues()), 7);
     }

@@ -4,7 +4,9 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::dirty::GuestMemoryMmap;
 
 use crate::stats::DropReason;
 

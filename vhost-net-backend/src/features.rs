@@ -65,6 +65,10 @@ pub struct HostCapabilities {
     pub uso: bool,
 }
 
+/// `VHOST_F_LOG_ALL` (bit 26): the frontend may ask for every guest memory write to be logged
+/// (live migration, see [`crate::dirty`]).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
 /// Virtio-net (and transport) features offered for a device with `queue_pairs` queue pairs.
 pub fn offered_features(queue_pairs: usize, caps: HostCapabilities) -> u64 {
     let mut f = bit(VIRTIO_F_VERSION_1)
@@ -83,6 +87,7 @@ pub fn offered_features(queue_pairs: usize, caps: HostCapabilities) -> u64 {
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_MTU)
+        | VHOST_F_LOG_ALL
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if caps.uso {
         f |= bit(VIRTIO_NET_F_GUEST_USO4)
@@ -104,6 +109,8 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         // SEND_RARP: announce the guest after a migration (answered by the daemon's relay,
         // see NetBackend::announce).
         | VhostUserProtocolFeatures::RARP
+        // SET_LOG_BASE: the dirty log shared for live migration.
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Length of the per-frame virtio-net header for the acked features.

@@ -9,6 +9,7 @@ pub mod announce;
 pub mod backend;
 pub mod chain;
 pub mod config;
+pub mod dirty;
 pub mod features;
 mod log;
 pub mod port;

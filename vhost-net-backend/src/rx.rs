@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::dirty::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::chain::{collect_chain, write_at, Access};
 use crate::features::NUM_BUFFERS_OFFSET;

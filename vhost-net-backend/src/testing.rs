@@ -7,12 +7,14 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost_user_backend::{VringMutex, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
+
+use crate::dirty::{GuestMemoryMmap, VringMutex};
 
 use crate::features::{GuestOffloads, HostCapabilities};
 use crate::port::{HostPort, HostQueue, TxDrops};

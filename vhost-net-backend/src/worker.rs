@@ -7,9 +7,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{VringMutex, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::dirty::{GuestMemoryMmap, VringMutex};
 
 use crate::chain::{collect_chain, Access};
 use crate::features::{mrg_rxbuf, vnet_hdr_len, GuestOffloads, MAX_GSO_FRAME};
@@ -63,6 +65,8 @@ pub struct QueuePairWorker {
     host_readable: bool,
     hdr_len: usize,
     mergeable: bool,
+    /// `VHOST_F_LOG_ALL` acked: guest memory written directly is marked in the dirty log.
+    logging: bool,
     max_frame: usize,
     mtu: u16,
     busy_poll: Duration,
@@ -95,6 +99,7 @@ impl QueuePairWorker {
             host_readable: true,
             hdr_len: 12,
             mergeable: false,
+            logging: false,
             max_frame: 0,
             mtu,
             busy_poll,
@@ -146,6 +151,7 @@ impl QueuePairWorker {
     pub fn set_features(&mut self, acked: u64) {
         self.hdr_len = vnet_hdr_len(acked);
         self.mergeable = mrg_rxbuf(acked);
+        self.logging = acked & crate::features::VHOST_F_LOG_ALL != 0;
         let frame = if GuestOffloads::from_features(acked).any_gso() {
             MAX_GSO_FRAME
         } else {
@@ -473,6 +479,11 @@ impl QueuePairWorker {
                 // never completed (that would hand the guest a cut frame), dropped like one
                 // that did not fit, and the buffers wait for the next frame.
                 Ok(len) if len >= self.hdr_len && len <= capacity => {
+                    // Written through raw pointers: vm-memory cannot see it (the used ring
+                    // entries that follow are marked by vm-memory itself).
+                    if self.logging {
+                        crate::dirty::mark_written(mem, iov, len);
+                    }
                     let hdr_has_num_buffers = self.hdr_len > crate::features::VNET_HDR_LEN_LEGACY;
                     self.rx_bufs.complete(q, mem, len, hdr_has_num_buffers);
                     self.stats.rx.frame(len - self.hdr_len);
