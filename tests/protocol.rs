@@ -1294,6 +1294,18 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
             println!("{what}: refused ({r:?})");
             drop((fe, conn));
         }
+        // No descriptor at all (the message QEMU sends without LOG_SHMFD).
+        {
+            let (fe, conn, _rings) = dpdk_style_session(&sock, 1, &mem);
+            let _ = fe.set_log_base(0, None);
+            // No reply is due for this form: the session ending shows the refusal.
+            let mut b = [0u8; 1];
+            conn.raw
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!((&conn.raw).read(&mut b).unwrap_or(1), 0, "session not ended");
+            drop((fe, conn));
+        }
         // A log too small for guest memory (16 bytes cover 128 pages of 256): the library
         // refuses it; the session ends.
         let (fe, conn, _rings) = dpdk_style_session(&sock, 1, &mem);
@@ -1309,7 +1321,7 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
         println!("log smaller than guest memory: refused ({r:?})");
         drop((fe, conn));
         assert!(
-            wait_until(Duration::from_secs(5), || stats()["refused_requests"] == 2),
+            wait_until(Duration::from_secs(5), || stats()["refused_requests"] == 3),
             "refused_requests: {}",
             stats()
         );
