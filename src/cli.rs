@@ -132,6 +132,11 @@ pub struct PortArgs {
     #[arg(long)]
     pub port_security: bool,
 
+    /// Offer dirty-page logging (VHOST_F_LOG_ALL, LOG_SHMFD) so QEMU can live-migrate the guest.
+    /// Experimental: off by default, and QEMU then refuses to migrate.
+    #[arg(long)]
+    pub live_migration: bool,
+
     /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..=65500))]
     pub mtu: Option<u16>,
@@ -190,6 +195,7 @@ impl PortArgs {
             mtu: self.mtu,
             mac_filter: self.mac_filter,
             port_security: self.port_security,
+            live_migration: self.live_migration,
             client: self.client,
             busy_poll_us: self.busy_poll_us,
             socket_owner: self.socket_owner.clone(),

@@ -90,6 +90,10 @@ pub struct PortSpec {
     /// Left out of files and requests when off, so older daemons still read them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub port_security: bool,
+    /// Offer dirty-page logging so the frontend can live-migrate the guest (experimental).
+    /// Left out of files and requests when off, so older daemons still read them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live_migration: bool,
     /// Connect to the socket instead of listening.
     #[serde(default)]
     pub client: bool,

@@ -242,6 +242,7 @@ impl RunningPort {
             queue_pairs: queues,
             max_queue_size: spec.queue_size,
             port_security: spec.port_security,
+            live_migration: spec.live_migration,
         };
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
         let backend = NetBackend::new(config, port, busy)?;

@@ -306,6 +306,9 @@ struct Session {
     /// Memory regions added through ADD_MEM_REG, keyed by (guest address, size, user address),
     /// with the number of vhost devices of the frontend that added them.
     regions: Vec<([u64; 3], u32)>,
+    /// End of guest physical memory (highest region end) announced so far: a dirty log must
+    /// cover it.
+    mem_end: u64,
     fds: FdTally,
     limits: Limits,
     /// Per-session info lines go to debug (the session log is rate-limited).
@@ -334,6 +337,28 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 /// forever at 100% CPU, and without it the whole process dies with every port. Only regular
 /// files (memfd, tmpfs, hugetlbfs) have a size to check; other fds go to the library as they are.
 /// A frontend that shrinks the file after this check can still cause the fault.
+/// The highest guest physical address + 1 of the regions in a SET_MEM_TABLE or ADD_MEM_REG.
+fn regions_end(msg: &Message) -> u64 {
+    let (first, count) = if msg.request() == FrontendReq::SET_MEM_TABLE as u32 {
+        if msg.body.len() < 8 {
+            return 0;
+        }
+        let n = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+        (8, (n as usize).min((msg.body.len() - 8) / 32))
+    } else if msg.body.len() == MEM_REG_BODY {
+        (8, 1)
+    } else {
+        return 0;
+    };
+    (0..count)
+        .map(|i| {
+            let at = first + 32 * i;
+            u64_at(&msg.body, at).saturating_add(u64_at(&msg.body, at + 8))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn check_regions_within_files(msg: &Message) -> io::Result<()> {
     // SET_MEM_TABLE: num_regions, padding, then (guest address, size, user address, offset)
     // per region; ADD_MEM_REG: padding, then one region.
@@ -372,7 +397,7 @@ fn check_regions_within_files(msg: &Message) -> io::Result<()> {
 /// Refuses a `SET_LOG_BASE` whose dirty log is not entirely inside its file: the library maps
 /// it without looking, and marking a page past the end of the file would raise SIGBUS. The
 /// library itself refuses a log too small for guest memory.
-fn check_log_base(msg: &Message) -> Result<(), RelayError> {
+fn check_log_base(msg: &Message, mem_end: u64) -> Result<(), RelayError> {
     // Body: mmap_size, mmap_offset; one descriptor: the log.
     if msg.body.len() != 16 || msg.files.len() != 1 {
         return Err(RelayError::Protocol(format!(
@@ -387,6 +412,14 @@ fn check_log_base(msg: &Message) -> Result<(), RelayError> {
         return Err(RelayError::Protocol(
             "SET_LOG_BASE: the log is not a regular file (memfd or shared-memory file)".into(),
         ));
+    }
+    // One bit per 4 KiB page of guest physical memory.
+    let covers = size.saturating_mul(8).saturating_mul(4096);
+    if covers < mem_end {
+        return Err(RelayError::Protocol(format!(
+            "SET_LOG_BASE: a log of {size} bytes covers {covers:#x} bytes of guest memory, \
+             which ends at {mem_end:#x}"
+        )));
     }
     if size == 0 || offset.checked_add(size).is_none_or(|end| end > md.len()) {
         return Err(RelayError::Protocol(format!(
@@ -465,11 +498,13 @@ impl Session {
             }
         }
         if req == FrontendReq::SET_LOG_BASE as u32 {
-            check_log_base(&msg)?;
+            check_log_base(&msg, self.mem_end)?;
         }
         let is_add = req == FrontendReq::ADD_MEM_REG as u32;
         if req == FrontendReq::SET_MEM_TABLE as u32 || is_add {
             check_regions_within_files(&msg)?;
+            let end = regions_end(&msg);
+            self.mem_end = if is_add { self.mem_end.max(end) } else { end };
         }
         let mut change = None;
         if (is_add || req == FrontendReq::REM_MEM_REG as u32) && msg.body.len() == MEM_REG_BODY {
@@ -904,6 +939,36 @@ mod tests {
         let mut m = Message::new(FrontendReq::SET_MEM_TABLE as u32, FLAG_VERSION_1, body);
         m.files = files;
         m
+    }
+
+    #[test]
+    fn dirty_logs_must_lie_in_their_file_and_cover_guest_memory() {
+        let log_base = |size: u64, offset: u64, file: Option<File>| {
+            let mut body = size.to_le_bytes().to_vec();
+            body.extend_from_slice(&offset.to_le_bytes());
+            let mut m = Message::new(FrontendReq::SET_LOG_BASE as u32, FLAG_VERSION_1, body);
+            m.files = file.into_iter().collect();
+            m
+        };
+        let mut s = Session::default();
+        // Two regions of 1 MiB, at 0 and 1 MiB: 512 pages, 64 bytes of log.
+        let table = mem_table(
+            &[(1 << 20, 0), (1 << 20, 0)],
+            vec![memfd(1 << 20), memfd(1 << 20)],
+        );
+        s.on_frontend(table).unwrap();
+        assert_eq!(s.mem_end, 2 << 20);
+        assert!(s.on_frontend(log_base(64, 0, Some(memfd(4096)))).is_ok());
+        for (what, m) in [
+            ("too small", log_base(32, 0, Some(memfd(4096)))),
+            ("past the file", log_base(64, 4096, Some(memfd(4096)))),
+            ("no descriptor", log_base(64, 0, None)),
+        ] {
+            assert!(
+                matches!(s.on_frontend(m), Err(RelayError::Protocol(_))),
+                "{what}"
+            );
+        }
     }
 
     #[test]

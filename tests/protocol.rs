@@ -341,6 +341,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RARP
+        // Offered only with --live-migration; sessions take it when it is there.
         | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
@@ -591,18 +592,24 @@ fn features_protocol_features_queue_count_and_config() {
         ] {
             assert_ne!(f & bit(b), 0, "feature {name} missing from {f:#x}");
         }
+        // Dirty-page logging only with --live-migration.
+        assert_eq!(f & (1 << 26), 0, "VHOST_F_LOG_ALL offered by default");
         assert_ne!(
             f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             0,
             "PROTOCOL_FEATURES missing"
         );
         let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        let always = wanted_protocol_features() - VhostUserProtocolFeatures::LOG_SHMFD;
         assert!(
-            proto.contains(wanted_protocol_features()),
-            "protocol features {proto:?} lack some of {:?}",
-            wanted_protocol_features()
+            proto.contains(always),
+            "protocol features {proto:?} lack some of {always:?}"
         );
-        fe.set_protocol_features(wanted_protocol_features())
+        assert!(
+            !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+            "LOG_SHMFD offered without --live-migration"
+        );
+        fe.set_protocol_features(always)
             .expect("SET_PROTOCOL_FEATURES");
         assert_eq!(fe.get_queue_num().expect("GET_QUEUE_NUM"), 4);
         let (_, cfg) = fe
@@ -1213,7 +1220,13 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
         let d = Daemon::start(
             &sock,
             TAP,
-            &["--mac", MAC_STR, "--control", control.to_str().unwrap()],
+            &[
+                "--mac",
+                MAC_STR,
+                "--live-migration",
+                "--control",
+                control.to_str().unwrap(),
+            ],
             &dir.join("dirty.log"),
         );
         let mem = GuestMem::new();
@@ -1303,11 +1316,14 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
             conn.raw
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            assert_eq!((&conn.raw).read(&mut b).unwrap_or(1), 0, "session not ended");
+            assert_eq!(
+                (&conn.raw).read(&mut b).unwrap_or(1),
+                0,
+                "session not ended"
+            );
             drop((fe, conn));
         }
-        // A log too small for guest memory (16 bytes cover 128 pages of 256): the library
-        // refuses it; the session ends.
+        // A log too small for guest memory (16 bytes cover 128 pages of 256).
         let (fe, conn, _rings) = dpdk_style_session(&sock, 1, &mem);
         let r = fe.set_log_base(
             0,
@@ -1321,7 +1337,7 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
         println!("log smaller than guest memory: refused ({r:?})");
         drop((fe, conn));
         assert!(
-            wait_until(Duration::from_secs(5), || stats()["refused_requests"] == 3),
+            wait_until(Duration::from_secs(5), || stats()["refused_requests"] == 4),
             "refused_requests: {}",
             stats()
         );

@@ -10,8 +10,15 @@
 //!   a second (the destination announced the guest: `SEND_RARP`);
 //! - ping loss over the migration is reported.
 //!
-//! Needs root and QEMU: skipped otherwise, failed under `CI=true`. Under TCG the migration
-//! takes some seconds; the guest has 256 MiB.
+//! Needs root and QEMU. Under TCG the migration takes about 10 s (48 MiB of non-zero guest
+//! memory at 16 MiB/s while 24 MiB stream in); the guest has 256 MiB.
+//!
+//! Not in CI yet (`#[ignore]`, run with `--ignored`): on the CI machine (TCG, QEMU 7.2) it
+//! passes only some of the time. The other runs end with a wrong checksum of the received file
+//! (same length), a destination guest stuck in soft lockups, or a kernel oops on the
+//! destination: guest memory that reached the destination stale. Whether a write of the
+//! backend escapes the log or TCG's own migration is at fault is not settled yet; until it is,
+//! `--live-migration` is off by default.
 
 mod common;
 
@@ -47,6 +54,7 @@ fn spawn_daemon(ns: &Netns, socket: &Path, tap: &str, log: &Path) -> Proc {
             tap,
             "--mac",
             GUEST_MAC,
+            "--live-migration",
         ])
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -76,6 +84,9 @@ fn guest_opts(socket: &Path, monitor: PathBuf, name: &str) -> GuestOpts {
     o.ip = Some(format!("{GUEST_IP}/24"));
     o.memory_mib = 256;
     o.monitor_socket = Some(monitor);
+    // Under TCG the guest's TSC does not survive a migration well: with it as clocksource the
+    // guest on the destination can sit in soft lockups for minutes. HPET moves with the VM.
+    o.kernel_args = vec!["tsc=unstable".into(), "clocksource=hpet".into()];
     o.name = name.into();
     o
 }
@@ -149,6 +160,7 @@ fn migration_status(monitor: &Path) -> String {
 }
 
 #[test]
+#[ignore = "lab: under TCG the destination guest is sometimes corrupted (see the module doc)"]
 fn guest_migrates_between_two_ports_with_traffic_intact() {
     if let Some(why) = guest::missing_prereqs() {
         guest::skip_or_fail("guest_migrates_between_two_ports_with_traffic_intact", &why);

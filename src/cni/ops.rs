@@ -317,6 +317,8 @@ fn add_steps(
                 mtu: Some(mtu),
                 mac_filter: af_packet,
                 port_security: conf.port_security,
+                // Kata does not migrate its VMs.
+                live_migration: false,
                 client: conf.mode == VhostUserMode::Client,
                 busy_poll_us: conf.busy_poll_us.unwrap_or(10),
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),

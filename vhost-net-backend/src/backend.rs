@@ -293,7 +293,12 @@ impl VhostUserBackend for NetBackend {
         if !self.request_thread_ok() {
             return 0;
         }
-        offered_features(self.config.queue_pairs, self.port.capabilities())
+        let f = offered_features(self.config.queue_pairs, self.port.capabilities());
+        if self.config.live_migration {
+            f | crate::features::VHOST_F_LOG_ALL
+        } else {
+            f
+        }
     }
 
     fn acked_features(&self, features: u64) {
@@ -326,7 +331,12 @@ impl VhostUserBackend for NetBackend {
         if !self.request_thread_ok() {
             return VhostUserProtocolFeatures::empty();
         }
-        offered_protocol_features()
+        let p = offered_protocol_features();
+        if self.config.live_migration {
+            p | VhostUserProtocolFeatures::LOG_SHMFD
+        } else {
+            p
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -405,6 +415,7 @@ mod tests {
             queue_pairs: pairs,
             max_queue_size: 256,
             port_security: false,
+            live_migration: false,
         }
     }
 

@@ -96,6 +96,9 @@ pub struct NetConfig {
     pub max_queue_size: u16,
     /// Port security: drop guest frames whose Ethernet source address is not `mac`.
     pub port_security: bool,
+    /// Offer dirty-page logging (`VHOST_F_LOG_ALL`, `LOG_SHMFD`), which lets the frontend
+    /// live-migrate the guest (see [`crate::dirty`]). Off: QEMU refuses to migrate.
+    pub live_migration: bool,
 }
 
 impl NetConfig {
@@ -155,6 +158,7 @@ mod tests {
             queue_pairs: 2,
             max_queue_size: 1024,
             port_security: false,
+            live_migration: false,
         };
         assert_eq!(c.read_config(0, 6), vec![2, 0, 0, 0, 0, 1]);
         assert_eq!(c.read_config(6, 2), vec![1, 0]);

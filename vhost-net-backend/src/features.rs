@@ -66,7 +66,8 @@ pub struct HostCapabilities {
 }
 
 /// `VHOST_F_LOG_ALL` (bit 26): the frontend may ask for every guest memory write to be logged
-/// (live migration, see [`crate::dirty`]).
+/// (live migration, see [`crate::dirty`]). Offered, with the `LOG_SHMFD` protocol feature, only
+/// when [`crate::NetConfig::live_migration`] is set.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Virtio-net (and transport) features offered for a device with `queue_pairs` queue pairs.
@@ -87,7 +88,6 @@ pub fn offered_features(queue_pairs: usize, caps: HostCapabilities) -> u64 {
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_MTU)
-        | VHOST_F_LOG_ALL
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if caps.uso {
         f |= bit(VIRTIO_NET_F_GUEST_USO4)
@@ -109,8 +109,6 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         // SEND_RARP: announce the guest after a migration (answered by the daemon's relay,
         // see NetBackend::announce).
         | VhostUserProtocolFeatures::RARP
-        // SET_LOG_BASE: the dirty log shared for live migration.
-        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Length of the per-frame virtio-net header for the acked features.

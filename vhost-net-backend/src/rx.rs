@@ -170,13 +170,16 @@ impl RxBuffers {
 
     /// Completes a received frame of `len` bytes (header included, at most the capacity the
     /// last [`RxBuffers::prepare`] offered) into the held chains, writing `num_buffers` into the
-    /// header when `hdr_has_num_buffers`. Returns the number of chains used.
+    /// header when `hdr_has_num_buffers`. With `log` (a migration is running), marks what the
+    /// frame occupies in the dirty log after the last write into it and before the used ring
+    /// says it is there. Returns the number of chains used.
     pub fn complete(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         len: usize,
         hdr_has_num_buffers: bool,
+        log: bool,
     ) -> usize {
         let mut remaining = len;
         let mut used = 0usize;
@@ -193,6 +196,15 @@ impl RxBuffers {
             let n = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
             // SAFETY: the held iovecs point into guest memory kept mapped by `self.mem`.
             unsafe { write_at(&a[..first.min(a.len())], NUM_BUFFERS_OFFSET, &n) };
+        }
+        if log {
+            // Written through raw pointers, which vm-memory cannot see. Marked after the last
+            // write: a page marked earlier could be copied (and its mark consumed) by the
+            // frontend before that write, and reach the destination stale.
+            let (a, b) = self.iov.as_slices();
+            let in_a = a.iter().map(|v| v.iov_len).sum::<usize>().min(len);
+            crate::dirty::mark_written(mem, a, in_a);
+            crate::dirty::mark_written(mem, b, len - in_a);
         }
         let mut remaining = len;
         for _ in 0..used {
@@ -239,7 +251,7 @@ mod tests {
         assert_eq!(iov.len(), 2);
         assert_eq!(rx.held(), 2);
         assert_eq!(q.next_avail(), 2);
-        assert_eq!(rx.complete(q, &m, 1200, true), 2);
+        assert_eq!(rx.complete(q, &m, 1200, true, false), 2);
         assert_eq!(rx.held(), 0);
         assert_eq!(
             d.all_used(),
@@ -251,7 +263,7 @@ mod tests {
         let Slot::Ready(..) = rx.prepare(q, &m, 1500, true, 1024, &stats) else {
             panic!("starved with buffers posted");
         };
-        assert_eq!(rx.complete(q, &m, 1000, false), 1);
+        assert_eq!(rx.complete(q, &m, 1000, false, false), 1);
         // Without a num_buffers field nothing is written into the header area.
         assert_eq!(d.read(bufs[2].1 + 10, 2), vec![0xee, 0xee]);
         // One buffer of 1000 bytes left, 1500 needed, ring not full: starved, still held.
@@ -284,7 +296,7 @@ mod tests {
         assert_eq!(iov.len(), 1);
         assert_eq!(iov[0].iov_len, 2048);
         assert_eq!(stats.drops_of(DropReason::BadChain), 1);
-        assert_eq!(rx.complete(q, &m, 100, true), 1);
+        assert_eq!(rx.complete(q, &m, 100, true, false), 1);
         assert_eq!(
             d.all_used(),
             vec![(u32::from(empty), 0), (u32::from(good), 100)]

@@ -479,13 +479,9 @@ impl QueuePairWorker {
                 // never completed (that would hand the guest a cut frame), dropped like one
                 // that did not fit, and the buffers wait for the next frame.
                 Ok(len) if len >= self.hdr_len && len <= capacity => {
-                    // Written through raw pointers: vm-memory cannot see it (the used ring
-                    // entries that follow are marked by vm-memory itself).
-                    if self.logging {
-                        crate::dirty::mark_written(mem, iov, len);
-                    }
                     let hdr_has_num_buffers = self.hdr_len > crate::features::VNET_HDR_LEN_LEGACY;
-                    self.rx_bufs.complete(q, mem, len, hdr_has_num_buffers);
+                    self.rx_bufs
+                        .complete(q, mem, len, hdr_has_num_buffers, self.logging);
                     self.stats.rx.frame(len - self.hdr_len);
                     pass.moved += 1;
                     taken += 1;
