@@ -671,6 +671,7 @@ mod tests {
                     "stalled_frontends": 0,
                     "fd_budget_exceeded": 0,
                     "memory_faults": 0,
+                    "refused_requests": 0,
                 },
                 "queues": [],
             })

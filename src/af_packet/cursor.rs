@@ -211,7 +211,7 @@ mod tests {
     fn random_out_of_order_fills_lose_and_duplicate_nothing() {
         for seed in 1..200u64 {
             let n = 32;
-            let mut rng = Rng((seed * 0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let mut k = Kernel::new(n);
             let mut c = RxCursor::new(n, 16, 4);
             let mut out = Vec::new();
