@@ -31,14 +31,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use vhost_net_backend::chain::{collect_chain, Access};
+use vhost_net_backend::dirty::{GuestMemoryMmap, VringMutex};
 use vhost_net_backend::port::HostQueue;
 use vhost_net_backend::stats::{DropReason, QueueStats};
 use vhost_net_backend::worker::QueuePairWorker;
-use vhost_user_backend::{VringMutex, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestRegionMmap, MmapRegion};
 
 const PAGE: usize = 4096;
 /// Size of each of the two guest memory regions.
