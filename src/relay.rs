@@ -331,50 +331,37 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Byte offsets of the region entries (guest address, size, user address, mmap offset) in the
+/// body of a SET_MEM_TABLE (num_regions, padding, then the entries) or ADD_MEM_REG (padding,
+/// then one entry); none for any other message or a body too short for what it announces.
+fn region_entries(msg: &Message) -> impl Iterator<Item = usize> {
+    let count = if msg.request() == FrontendReq::SET_MEM_TABLE as u32 && msg.body.len() >= 8 {
+        let n = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+        (n as usize).min((msg.body.len() - 8) / 32)
+    } else if msg.request() == FrontendReq::ADD_MEM_REG as u32 && msg.body.len() == MEM_REG_BODY {
+        1
+    } else {
+        0
+    };
+    (0..count).map(|i| 8 + 32 * i)
+}
+
+/// The highest guest physical address + 1 of the regions in a SET_MEM_TABLE or ADD_MEM_REG.
+fn regions_end(msg: &Message) -> u64 {
+    region_entries(msg)
+        .map(|at| u64_at(&msg.body, at).saturating_add(u64_at(&msg.body, at + 8)))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Refuses memory regions that would map past the end of their file. The library maps them
 /// without looking (mmap allows it), and the first access to such a page raises SIGBUS: with
 /// the sandbox's seccomp filter the signal handler cannot reset itself and the thread faults
 /// forever at 100% CPU, and without it the whole process dies with every port. Only regular
 /// files (memfd, tmpfs, hugetlbfs) have a size to check; other fds go to the library as they are.
 /// A frontend that shrinks the file after this check can still cause the fault.
-/// The highest guest physical address + 1 of the regions in a SET_MEM_TABLE or ADD_MEM_REG.
-fn regions_end(msg: &Message) -> u64 {
-    let (first, count) = if msg.request() == FrontendReq::SET_MEM_TABLE as u32 {
-        if msg.body.len() < 8 {
-            return 0;
-        }
-        let n = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
-        (8, (n as usize).min((msg.body.len() - 8) / 32))
-    } else if msg.body.len() == MEM_REG_BODY {
-        (8, 1)
-    } else {
-        return 0;
-    };
-    (0..count)
-        .map(|i| {
-            let at = first + 32 * i;
-            u64_at(&msg.body, at).saturating_add(u64_at(&msg.body, at + 8))
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 fn check_regions_within_files(msg: &Message) -> io::Result<()> {
-    // SET_MEM_TABLE: num_regions, padding, then (guest address, size, user address, offset)
-    // per region; ADD_MEM_REG: padding, then one region.
-    let (first, count) = if msg.request() == FrontendReq::SET_MEM_TABLE as u32 {
-        if msg.body.len() < 8 {
-            return Ok(());
-        }
-        let n = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
-        (8, (n as usize).min((msg.body.len() - 8) / 32))
-    } else if msg.body.len() == MEM_REG_BODY {
-        (8, 1)
-    } else {
-        return Ok(());
-    };
-    for (i, file) in msg.files.iter().enumerate().take(count) {
-        let at = first + 32 * i;
+    for (i, (file, at)) in msg.files.iter().zip(region_entries(msg)).enumerate() {
         let (size, offset) = (u64_at(&msg.body, at + 8), u64_at(&msg.body, at + 24));
         let md = file.metadata()?;
         if !md.file_type().is_file() {

@@ -624,16 +624,12 @@ mod tests {
     fn restriction_fails_where_seccomp_is_denied() {
         let err = std::thread::spawn(|| {
             // A filter of our own that refuses seccomp(2), as some container runtimes do.
-            let mut rules = BTreeMap::new();
-            rules.insert(libc::SYS_seccomp, Vec::new());
-            let deny: BpfProgram = SeccompFilter::new(
+            let rules = BTreeMap::from([(libc::SYS_seccomp, Vec::new())]);
+            let deny = compile(
                 rules,
                 SeccompAction::Allow,
                 SeccompAction::Errno(libc::EPERM as u32),
-                std::env::consts::ARCH.try_into().unwrap(),
             )
-            .unwrap()
-            .try_into()
             .unwrap();
             seccompiler::apply_filter(&deny).unwrap();
             enter_with(true, restrict_current_thread)

@@ -67,9 +67,9 @@ fn dup_to_3(fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Spawns `program args` with `listener` as its descriptor 3 (and nothing else inherited),
-/// output appended to `log`.
-fn spawn_with_fd3(program: &str, args: &[&str], listener: &UnixListener, log: &Path) -> Child {
+/// `program args` with no stdin, stdout and stderr appended to `log`, killed when the spawning
+/// thread ends.
+fn logged(program: &str, args: &[&str], log: &Path) -> Command {
     let out = File::options().create(true).append(true).open(log).unwrap();
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -77,6 +77,13 @@ fn spawn_with_fd3(program: &str, args: &[&str], listener: &UnixListener, log: &P
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out));
     kill_with_parent_thread(&mut cmd);
+    cmd
+}
+
+/// Spawns `program args` with `listener` as its descriptor 3 (and nothing else inherited),
+/// output appended to `log`.
+fn spawn_with_fd3(program: &str, args: &[&str], listener: &UnixListener, log: &Path) -> Child {
+    let mut cmd = logged(program, args, log);
     let fd = listener.as_raw_fd();
     // SAFETY: runs between fork and exec and only calls async-signal-safe functions.
     unsafe {
@@ -162,27 +169,11 @@ fn systemd_socket_activation_hands_the_socket_over() {
         let dir = TempDir::new("conv-systemd");
         let sock = dir.join("activated.sock");
         let log = dir.join("daemon.log");
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
         // What the unit pair in deploy/systemd does: systemd listens, and starts the service
         // with the socket as descriptor 3 on the first connection.
-        let mut cmd = Command::new(activate);
-        cmd.args([
-            "-l",
-            sock.to_str().unwrap(),
-            DAEMON_BIN,
-            "--fd",
-            "3",
-            "--tap",
-            TAP,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out));
-        kill_with_parent_thread(&mut cmd);
+        let sock_arg = sock.to_str().unwrap();
+        let args = ["-l", sock_arg, DAEMON_BIN, "--fd", "3", "--tap", TAP];
+        let mut cmd = logged(&activate, &args, &log);
         let mut child = cmd.spawn().unwrap();
         assert!(
             wait_until(Duration::from_secs(10), || sock.exists()),
@@ -292,18 +283,9 @@ fn socket_path_flag_and_rust_log_are_honoured() {
         let dir = TempDir::new("conv-log");
         let sock = dir.join("vu.sock");
         let log = dir.join("daemon.log");
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut cmd = Command::new(DAEMON_BIN);
-        cmd.args(["--socket-path", sock.to_str().unwrap(), "--tap", TAP])
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out));
-        kill_with_parent_thread(&mut cmd);
+        let args = ["--socket-path", sock.to_str().unwrap(), "--tap", TAP];
+        let mut cmd = logged(DAEMON_BIN, &args, &log);
+        cmd.env("RUST_LOG", "debug");
         let mut child = cmd.spawn().unwrap();
         assert!(wait_until(Duration::from_secs(10), || sock.exists()));
         frame_reaches_the_tap(&sock).unwrap();
