@@ -132,9 +132,13 @@ pub struct PortArgs {
     #[arg(long)]
     pub port_security: bool,
 
-    /// Offer dirty-page logging (VHOST_F_LOG_ALL, LOG_SHMFD) so QEMU can live-migrate the guest.
-    /// Experimental: off by default, and QEMU then refuses to migrate.
+    /// Do not offer dirty-page logging (VHOST_F_LOG_ALL, LOG_SHMFD): QEMU then refuses to
+    /// live-migrate, save or snapshot the guest. Offered by default.
     #[arg(long)]
+    pub no_live_migration: bool,
+
+    /// Accepted for compatibility: live migration is on by default.
+    #[arg(long, hide = true, conflicts_with = "no_live_migration")]
     pub live_migration: bool,
 
     /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
@@ -195,7 +199,7 @@ impl PortArgs {
             mtu: self.mtu,
             mac_filter: self.mac_filter,
             port_security: self.port_security,
-            live_migration: self.live_migration,
+            live_migration: !self.no_live_migration,
             client: self.client,
             busy_poll_us: self.busy_poll_us,
             socket_owner: self.socket_owner.clone(),

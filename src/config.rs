@@ -54,6 +54,12 @@ pub enum HostSpec {
 fn default_queues() -> u16 {
     1
 }
+fn default_true() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
 fn default_queue_size() -> u16 {
     1024
 }
@@ -90,9 +96,9 @@ pub struct PortSpec {
     /// Left out of files and requests when off, so older daemons still read them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub port_security: bool,
-    /// Offer dirty-page logging so the frontend can live-migrate the guest (experimental).
-    /// Left out of files and requests when off, so older daemons still read them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Offer dirty-page logging so the frontend can live-migrate the guest (default: on).
+    /// Written out only when off.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub live_migration: bool,
     /// Connect to the socket instead of listening.
     #[serde(default)]

@@ -7,8 +7,15 @@
 //! the connection; and once the feature is acked, rings start disabled, so merely ignoring the
 //! early message would leave the device dead. Rather than re-implementing the whole protocol
 //! handler, we keep the crate's handler (and its validation of every message) and put this relay
-//! in front of it: early enables are answered here, remembered, and replayed to the handler right
-//! after `SET_FEATURES`, when they are legal.
+//! in front of it: early enables are answered here, remembered, and replayed to the handler once
+//! they are legal (after `SET_FEATURES`) *and* their ring is set up: it has its kick and its call
+//! descriptor. The second condition matters as much as the first. QEMU's kick eventfd starts
+//! signalled, so a ring enabled at `SET_VRING_KICK` starts moving frames at once, before the
+//! `SET_VRING_CALL` that QEMU sends next: the interrupts for those frames go nowhere, and with
+//! `VIRTIO_RING_F_EVENT_IDX` the device then believes the guest was told and never tells it
+//! again. That stalls a guest that comes up on a ring with work already queued: the
+//! destination of a live migration, a guest whose backend restarted, or a boot with frames
+//! waiting in the tap. DPDK's vhost library uses the same rule for a ring to be ready.
 //!
 //! A second mismatch comes with multiqueue: QEMU drives each queue pair as its own vhost device
 //! over the one connection, and with `CONFIGURE_MEM_SLOTS` each of them sends `ADD_MEM_REG` for
@@ -302,7 +309,11 @@ impl FdTally {
 #[derive(Default)]
 struct Session {
     features_set: bool,
+    /// `SET_VRING_ENABLE`s held back (ring index, value), the latest per ring.
     pending: Vec<(u32, u32)>,
+    /// Rings that have their kick / call descriptor since they were last stopped.
+    kicked: BTreeSet<u32>,
+    called: BTreeSet<u32>,
     /// Memory regions added through ADD_MEM_REG, keyed by (guest address, size, user address),
     /// with the number of vhost devices of the frontend that added them.
     regions: Vec<([u64; 3], u32)>,
@@ -452,18 +463,27 @@ impl Session {
             }
             return Ok((Vec::new(), ack(&msg)));
         }
-        if req == FrontendReq::SET_VRING_ENABLE as u32 && !self.features_set && msg.body.len() == 8
-        {
+        if req == FrontendReq::SET_VRING_ENABLE as u32 && msg.body.len() == 8 {
             let index = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
             let num = u32::from_le_bytes([msg.body[4], msg.body[5], msg.body[6], msg.body[7]]);
             self.pending.retain(|(i, _)| *i != index);
+            // Legal and harmless now: passed through (a disable needs no ring set up).
+            if self.features_set && (num == 0 || self.ring_set_up(index)) {
+                return Ok((vec![msg], None));
+            }
             if self.pending.len() >= MAX_PENDING_ENABLES {
                 return Err(RelayError::Protocol(
-                    "too many SET_VRING_ENABLE messages before SET_FEATURES".into(),
+                    "too many SET_VRING_ENABLE messages held (before SET_FEATURES or before \
+                     their ring is set up)"
+                        .into(),
                 ));
             }
             self.pending.push((index, num));
-            tracing::debug!(index, num, "holding SET_VRING_ENABLE until SET_FEATURES");
+            tracing::debug!(
+                index,
+                num,
+                "holding SET_VRING_ENABLE until SET_FEATURES and the ring's kick and call"
+            );
             let reply = (msg.flags() & FLAG_NEED_REPLY != 0).then(|| {
                 Message::new(
                     req,
@@ -543,20 +563,61 @@ impl Session {
             // A whole new table replaces every region added one by one.
             self.regions.clear();
         }
-        let mut out = vec![msg];
-        if req == FrontendReq::SET_FEATURES as u32 && !self.features_set {
+        let ring = (msg.body.len() == 8).then(|| u32::from(msg.body[0]));
+        match ring {
+            // Bits 0-7 of the body are the ring index (bit 8: no descriptor, polling).
+            Some(i) if req == FrontendReq::SET_VRING_KICK as u32 => {
+                self.kicked.insert(i);
+            }
+            Some(i) if req == FrontendReq::SET_VRING_CALL as u32 => {
+                self.called.insert(i);
+            }
+            // A stopped ring loses its descriptors in the handler.
+            Some(i) if req == FrontendReq::GET_VRING_BASE as u32 => {
+                self.kicked.remove(&i);
+                self.called.remove(&i);
+            }
+            _ => {}
+        }
+        if req == FrontendReq::SET_FEATURES as u32 {
             self.features_set = true;
-            for (index, num) in self.pending.drain(..) {
+        }
+        let mut out = vec![msg];
+        out.extend(self.release_enables());
+        Ok((out, None))
+    }
+
+    /// True once ring `index` has both its kick and its call descriptor.
+    fn ring_set_up(&self, index: u32) -> bool {
+        self.kicked.contains(&index) && self.called.contains(&index)
+    }
+
+    /// True once both rings of the queue pair of ring `index` are set up.
+    fn pair_set_up(&self, index: u32) -> bool {
+        self.ring_set_up(index) && self.ring_set_up(index ^ 1)
+    }
+
+    /// The held enables that may go to the handler now, in the order they came. A held enable
+    /// waits for its whole queue pair: QEMU sets up one pair (one vhost device) at a time, and
+    /// an interrupt sent while it is still between the pair's two rings was seen to get lost
+    /// on the destination of a migration (QEMU 10.0, TCG) — the kernel's vhost-net, too, only
+    /// starts a pair once both rings are configured.
+    fn release_enables(&mut self) -> Vec<Message> {
+        if !self.features_set {
+            return Vec::new();
+        }
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|&(index, num)| num == 0 || self.pair_set_up(index));
+        self.pending = held;
+        ready
+            .into_iter()
+            .map(|(index, num)| {
                 let mut body = index.to_le_bytes().to_vec();
                 body.extend_from_slice(&num.to_le_bytes());
-                out.push(Message::new(
-                    FrontendReq::SET_VRING_ENABLE as u32,
-                    FLAG_VERSION_1,
-                    body,
-                ));
-            }
-        }
-        Ok((out, None))
+                Message::new(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION_1, body)
+            })
+            .collect()
     }
 
     /// The descriptor tally once the handler has taken `msg` (which `removes_region`, for a
@@ -786,7 +847,7 @@ mod tests {
     }
 
     #[test]
-    fn early_enables_are_held_and_replayed_after_features() {
+    fn early_enables_are_held_until_features_and_their_ring_is_set_up() {
         let mut s = Session::default();
         let (out, reply) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
         assert!(out.is_empty() && reply.is_none());
@@ -801,21 +862,74 @@ mod tests {
         s.on_frontend(enable(0, 0, FLAG_VERSION_1)).unwrap();
         let features = Message::new(FrontendReq::SET_FEATURES as u32, FLAG_VERSION_1, vec![0; 8]);
         let (out, _) = s.on_frontend(features).unwrap();
-        let reqs: Vec<u32> = out.iter().map(Message::request).collect();
+        // The disable of ring 0 is legal now; ring 1 has no kick or call yet.
         assert_eq!(
-            reqs,
+            requests(&out),
             vec![
                 FrontendReq::SET_FEATURES as u32,
+                FrontendReq::SET_VRING_ENABLE as u32
+            ]
+        );
+        assert_eq!(&out[1].body[..], &[0, 0, 0, 0, 0, 0, 0, 0]);
+        // Ring 1: its kick alone is not enough (the call would come too late for the first
+        // interrupts), nor its kick and call while the other ring of its pair has neither.
+        let (out, _) = s
+            .on_frontend(ring_fd(FrontendReq::SET_VRING_KICK, 1))
+            .unwrap();
+        assert_eq!(requests(&out), vec![FrontendReq::SET_VRING_KICK as u32]);
+        let (out, _) = s
+            .on_frontend(ring_fd(FrontendReq::SET_VRING_CALL, 1))
+            .unwrap();
+        assert_eq!(requests(&out), vec![FrontendReq::SET_VRING_CALL as u32]);
+        // After SET_FEATURES, an enable of a ring without descriptors waits for them too.
+        let (out, reply) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
+        assert!(out.is_empty() && reply.is_none());
+        // Call first this time: the message that completes the pair brings both enables.
+        s.on_frontend(ring_fd(FrontendReq::SET_VRING_CALL, 0))
+            .unwrap();
+        let (out, _) = s
+            .on_frontend(ring_fd(FrontendReq::SET_VRING_KICK, 0))
+            .unwrap();
+        assert_eq!(
+            requests(&out),
+            vec![
+                FrontendReq::SET_VRING_KICK as u32,
                 FrontendReq::SET_VRING_ENABLE as u32,
                 FrontendReq::SET_VRING_ENABLE as u32
             ]
         );
         assert_eq!(&out[1].body[..], &[1, 0, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(&out[2].body[..], &[0, 0, 0, 0, 0, 0, 0, 0]);
-        // After SET_FEATURES, enables pass straight through.
+        assert_eq!(&out[2].body[..], &[0, 0, 0, 0, 1, 0, 0, 0]);
+        // An enable of a set-up ring passes straight through.
         let (out, reply) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
         assert_eq!(out.len(), 1);
         assert!(reply.is_none());
+        // A stopped ring (GET_VRING_BASE) needs its descriptors again.
+        let stop = Message::new(
+            FrontendReq::GET_VRING_BASE as u32,
+            FLAG_VERSION_1,
+            vec![0; 8],
+        );
+        s.on_frontend(stop).unwrap();
+        let (out, _) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
+        assert!(out.is_empty());
+        s.on_frontend(ring_fd(FrontendReq::SET_VRING_KICK, 0))
+            .unwrap();
+        let (out, _) = s
+            .on_frontend(ring_fd(FrontendReq::SET_VRING_CALL, 0))
+            .unwrap();
+        assert_eq!(requests(&out).len(), 2);
+    }
+
+    fn requests(out: &[Message]) -> Vec<u32> {
+        out.iter().map(Message::request).collect()
+    }
+
+    /// SET_VRING_KICK or SET_VRING_CALL for `index` (with the no-descriptor flag: the relay
+    /// only looks at the index).
+    fn ring_fd(req: FrontendReq, index: u8) -> Message {
+        let body = (u64::from(index) | 0x100).to_le_bytes().to_vec();
+        Message::new(req as u32, FLAG_VERSION_1, body)
     }
 
     fn mem_reg(req: FrontendReq, gpa: u64, flags: u32) -> Message {

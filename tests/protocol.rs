@@ -341,7 +341,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RARP
-        // Offered only with --live-migration; sessions take it when it is there.
+        // Offered unless --no-live-migration; sessions take it when it is there.
         | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
@@ -572,7 +572,15 @@ fn features_protocol_features_queue_count_and_config() {
         let _d = Daemon::start(
             &sock,
             TAP,
-            &["--queues", "2", "--mac", MAC_STR, "--mtu", "9000"],
+            &[
+                "--queues",
+                "2",
+                "--mac",
+                MAC_STR,
+                "--mtu",
+                "9000",
+                "--no-live-migration",
+            ],
             &dir.join("two.log"),
         );
         let (mut fe, conn) = connect(&sock, 4);
@@ -592,8 +600,12 @@ fn features_protocol_features_queue_count_and_config() {
         ] {
             assert_ne!(f & bit(b), 0, "feature {name} missing from {f:#x}");
         }
-        // Dirty-page logging only with --live-migration.
-        assert_eq!(f & (1 << 26), 0, "VHOST_F_LOG_ALL offered by default");
+        // No dirty-page logging with --no-live-migration.
+        assert_eq!(
+            f & (1 << 26),
+            0,
+            "VHOST_F_LOG_ALL offered with --no-live-migration"
+        );
         assert_ne!(
             f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             0,
@@ -607,7 +619,7 @@ fn features_protocol_features_queue_count_and_config() {
         );
         assert!(
             !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD),
-            "LOG_SHMFD offered without --live-migration"
+            "LOG_SHMFD offered with --no-live-migration"
         );
         fe.set_protocol_features(always)
             .expect("SET_PROTOCOL_FEATURES");
@@ -650,7 +662,12 @@ fn features_protocol_features_queue_count_and_config() {
             0,
             "MQ offered with one queue pair"
         );
-        fe.get_protocol_features().unwrap();
+        assert_ne!(f & (1 << 26), 0, "VHOST_F_LOG_ALL not offered by default");
+        let proto = fe.get_protocol_features().unwrap();
+        assert!(
+            proto.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+            "LOG_SHMFD not offered by default: {proto:?}"
+        );
         fe.set_protocol_features(wanted_protocol_features())
             .unwrap();
         assert_eq!(fe.get_queue_num().unwrap(), 2);
@@ -719,6 +736,84 @@ fn qemu_enable_order_then_rings_move_frames_and_sessions_repeat() {
             let (_fe, _conn, mut rings) = qemu_style_session(&sock, 2, &mem);
             exercise_rings(&mut rings, "third-session");
         }
+        d.assert_alive();
+    });
+}
+
+/// A guest that comes up on rings with work already queued (the destination of a live
+/// migration, a guest whose backend restarted) gets the interrupt for that work. QEMU's kick
+/// eventfd starts signalled and its SET_VRING_CALL comes after SET_VRING_KICK: a ring enabled
+/// before it has its call descriptor moves frames whose interrupt goes nowhere, and with
+/// EVENT_IDX the device never sends it again, so the guest's receive path stalls for good.
+#[test]
+fn ring_started_with_work_waiting_interrupts_the_guest() {
+    if !can_run("ring_started_with_work_waiting_interrupts_the_guest") {
+        return;
+    }
+    in_new_netns(|| {
+        let dir = TempDir::new("proto-restart");
+        let sock = dir.join("vu.sock");
+        let mut d = Daemon::start(&sock, TAP, &["--mac", MAC_STR], &dir.join("daemon.log"));
+        let mem = GuestMem::new();
+        let (mut fe, conn) = connect(&sock, 2);
+        let offered = fe.get_features().expect("GET_FEATURES");
+        let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        fe.set_protocol_features(proto & wanted_protocol_features())
+            .expect("SET_PROTOCOL_FEATURES");
+        fe.set_owner().expect("SET_OWNER");
+        for i in 0..2 {
+            raw_set_vring_enable(&conn, i, true, false);
+        }
+        let features = guest_features(offered);
+        assert_ne!(features & bit(VIRTIO_RING_F_EVENT_IDX), 0);
+        fe.set_features(features).expect("SET_FEATURES");
+        fe.set_mem_table(&[mem.region()]).expect("SET_MEM_TABLE");
+        let mut rx = Vring::new(&mem, 0);
+        let tx = Vring::new(&mem, 1);
+        // What the guest left behind: receive buffers posted, and a frame waiting in the tap.
+        rx.post_rx(RX_POSTED);
+        rx.kick();
+        tx.kick();
+        let frame = udp_frame(
+            MAC,
+            PEER_MAC,
+            ([10, 99, 0, 1], [10, 99, 0, 2]),
+            (40000, 9),
+            200,
+        );
+        let sender = PacketSocket::sender(TAP).expect("AF_PACKET sender on the tap");
+        sender.send(&frame).expect("inject a frame into the tap");
+        // QEMU's order, with time between the kick and the call for the device to move.
+        for r in [&rx, &tx] {
+            let i = r.index;
+            fe.set_vring_num(i, QSIZE).expect("SET_VRING_NUM");
+            fe.set_vring_base(i, 0).expect("SET_VRING_BASE");
+            let h = mem.host;
+            let cfg = VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: h + r.desc_gpa(),
+                used_ring_addr: h + r.used_gpa(),
+                avail_ring_addr: h + r.avail_gpa(),
+                log_addr: None,
+            };
+            fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
+            fe.set_vring_kick(i, &r.kick).expect("SET_VRING_KICK");
+            std::thread::sleep(Duration::from_millis(300));
+            fe.set_vring_call(i, &r.call).expect("SET_VRING_CALL");
+        }
+        assert!(
+            rx.wait_used(1, Duration::from_secs(5)),
+            "the waiting frame was not delivered (used index {})",
+            rx.used_idx()
+        );
+        let used = rx.take_used();
+        assert_eq!(&used[0].2[HDR_LEN..], &frame[..], "the delivered frame");
+        assert!(
+            wait_until(Duration::from_secs(2), || rx.take_call()),
+            "the frame was delivered but the guest was never interrupted"
+        );
         d.assert_alive();
     });
 }
@@ -1220,13 +1315,7 @@ fn dirty_log_marks_what_the_backend_writes_while_logging_is_on() {
         let d = Daemon::start(
             &sock,
             TAP,
-            &[
-                "--mac",
-                MAC_STR,
-                "--live-migration",
-                "--control",
-                control.to_str().unwrap(),
-            ],
+            &["--mac", MAC_STR, "--control", control.to_str().unwrap()],
             &dir.join("dirty.log"),
         );
         let mem = GuestMem::new();

@@ -82,6 +82,95 @@ pub fn qemu_version() -> io::Result<(u32, u32)> {
         .map_err(io::Error::other)
 }
 
+/// A QEMU build other than the system's: its binary and the firmware directories it needs
+/// (`-L`). See [`migration_qemu`].
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// Firmware and option ROM directories, passed with `-L` ahead of the built-in one.
+    pub data_dirs: Vec<PathBuf>,
+}
+
+impl Qemu {
+    /// The system's QEMU ([`qemu_binary`]).
+    pub fn system() -> Qemu {
+        Qemu {
+            binary: PathBuf::from(qemu_binary()),
+            data_dirs: Vec::new(),
+        }
+    }
+
+    /// Version `(major, minor)` from `--version` (cached per binary).
+    pub fn version(&self) -> io::Result<(u32, u32)> {
+        static VERSIONS: Mutex<Vec<(PathBuf, (u32, u32))>> = Mutex::new(Vec::new());
+        let mut known = VERSIONS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, v)) = known.iter().find(|(b, _)| *b == self.binary) {
+            return Ok(*v);
+        }
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "cannot run {} --version: {e}",
+                    self.binary.display()
+                ))
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = parse_qemu_version(&text).ok_or_else(|| {
+            io::Error::other(format!("unrecognised QEMU version output: {text:?}"))
+        })?;
+        known.push((self.binary.clone(), v));
+        Ok(v)
+    }
+}
+
+/// The QEMU the live-migration tests use: QEMU 7.2 under TCG corrupts a migrating guest that
+/// receives network traffic whatever its backend (its own tap device included), so these tests
+/// need 8.0 or later: `$VHOST_PUMP_MIGRATION_QEMU` (a binary), else the system's QEMU if it is
+/// recent enough, else QEMU 10 from Debian's bookworm-backports, fetched and unpacked into a
+/// cache by `tests/setup/fetch-qemu.sh` (run at most once per process).
+pub fn migration_qemu() -> io::Result<Qemu> {
+    if let Ok(b) = std::env::var("VHOST_PUMP_MIGRATION_QEMU") {
+        return Ok(Qemu {
+            binary: b.into(),
+            data_dirs: Vec::new(),
+        });
+    }
+    let system = Qemu::system();
+    if system.version().is_ok_and(|v| v >= (8, 0)) {
+        return Ok(system);
+    }
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = DIR
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/setup/fetch-qemu.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                return Err(format!(
+                    "{} failed ({}):\n{}{}",
+                    script.display(),
+                    out.status,
+                    stdout,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(PathBuf::from(stdout.lines().last().unwrap_or("").trim()))
+        })
+        .clone()
+        .map_err(io::Error::other)?;
+    Ok(Qemu {
+        binary: dir.join("usr/bin/qemu-system-x86_64"),
+        data_dirs: vec![dir.join("usr/share/qemu"), dir.join("usr/share/seabios")],
+    })
+}
+
 /// Parses "QEMU emulator version 7.2.22 (Debian ...)" into `(7, 2)`.
 pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     let rest = &text[text.find("version ")? + "version ".len()..];
@@ -244,6 +333,8 @@ pub struct GuestOpts {
     pub name: String,
     /// Directory with `vmlinuz` and `initramfs.cpio.gz`; default: [`guest_dir`].
     pub guest_dir: Option<PathBuf>,
+    /// QEMU to run; default: the system's ([`Qemu::system`]).
+    pub qemu: Option<Qemu>,
 }
 
 impl GuestOpts {
@@ -268,6 +359,7 @@ impl GuestOpts {
             max_memory_mib: None,
             name: "guest".into(),
             guest_dir: None,
+            qemu: None,
         }
     }
 
@@ -297,7 +389,8 @@ impl GuestOpts {
 
     /// The QEMU command line (without the binary) for these options.
     pub fn qemu_args(&self, dir: &Path) -> io::Result<Vec<String>> {
-        let (major, minor) = qemu_version()?;
+        let qemu = self.qemu.clone().unwrap_or_else(Qemu::system);
+        let (major, minor) = qemu.version()?;
         let pairs = self.device_queues();
         let mem = self.memory_mib;
         let mut a: Vec<String> = Vec::new();
@@ -307,6 +400,9 @@ impl GuestOpts {
             Accel::Tcg => ("tcg,thread=multi", "max"),
             Accel::Kvm => ("kvm", "host"),
         };
+        for d in &qemu.data_dirs {
+            push(&["-L", &d.to_string_lossy()]);
+        }
         push(&["-name", &self.name, "-accel", accel, "-cpu", cpu]);
         push(&[
             "-smp",
@@ -505,12 +601,13 @@ impl QemuGuest {
         };
         let args = opts.qemu_args(&dir)?;
         let log_dir = new_log_dir(&opts.name)?;
-        let command_line = format!("{} {}", qemu_binary(), shell_join(&args));
+        let binary = opts.qemu.clone().unwrap_or_else(Qemu::system).binary;
+        let command_line = format!("{} {}", binary.display(), shell_join(&args));
         fs::write(log_dir.join("qemu.cmdline"), format!("{command_line}\n"))?;
         let stderr = File::create(log_dir.join("qemu.log"))?;
         let mut console_log = File::create(log_dir.join("console.log"))?;
 
-        let mut child = Command::new(qemu_binary())
+        let mut child = Command::new(&binary)
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
