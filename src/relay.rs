@@ -90,6 +90,8 @@ pub struct Limits {
     pub frontend_send_timeout: Duration,
     /// See [`HANDLER_SEND_TIMEOUT`].
     pub handler_send_timeout: Duration,
+    /// Rings of the device (two per queue pair).
+    pub rings: usize,
 }
 
 impl Limits {
@@ -100,6 +102,7 @@ impl Limits {
             max_fds: MEM_SLOTS + FDS_PER_RING * 2 * queue_pairs + OTHER_FDS,
             frontend_send_timeout: FRONTEND_SEND_TIMEOUT,
             handler_send_timeout: HANDLER_SEND_TIMEOUT,
+            rings: 2 * queue_pairs,
         }
     }
 }
@@ -467,8 +470,10 @@ impl Session {
             let index = u32::from_le_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
             let num = u32::from_le_bytes([msg.body[4], msg.body[5], msg.body[6], msg.body[7]]);
             self.pending.retain(|(i, _)| *i != index);
-            // Legal and harmless now: passed through (a disable needs no ring set up).
-            if self.features_set && (num == 0 || self.ring_set_up(index)) {
+            // Legal and harmless now: passed through (a disable needs no ring set up, and the
+            // handler refuses a ring the device does not have).
+            let no_such_ring = usize::try_from(index).map_or(true, |i| i >= self.limits.rings);
+            if self.features_set && (num == 0 || no_such_ring || self.ring_set_up(index)) {
                 return Ok((vec![msg], None));
             }
             if self.pending.len() >= MAX_PENDING_ENABLES {
@@ -900,6 +905,10 @@ mod tests {
         );
         assert_eq!(&out[1].body[..], &[1, 0, 0, 0, 1, 0, 0, 0]);
         assert_eq!(&out[2].body[..], &[0, 0, 0, 0, 1, 0, 0, 0]);
+        // A ring the device does not have goes to the handler, which refuses it.
+        let (out, reply) = s.on_frontend(enable(99, 1, FLAG_VERSION_1)).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(reply.is_none());
         // An enable of a set-up ring passes straight through.
         let (out, reply) = s.on_frontend(enable(0, 1, FLAG_VERSION_1)).unwrap();
         assert_eq!(out.len(), 1);
