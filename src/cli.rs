@@ -8,6 +8,10 @@
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use vhost_net_backend::config::{
+    queue_size_ok, DEFAULT_QUEUE_SIZE, MAX_MTU, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MIN_MTU,
+    MIN_QUEUE_SIZE,
+};
 use vhost_net_backend::MacAddr;
 
 use crate::config::{HostSpec, PortSpec};
@@ -109,11 +113,12 @@ pub struct PortArgs {
 
     /// Number of RX/TX queue pairs (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=16))]
+          value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUE_PAIRS as i64))]
     pub queues: u16,
 
     /// Largest virtqueue size the frontend may use (a power of two).
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_queue_size)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE,
+          value_parser = parse_queue_size)]
     pub queue_size: u16,
 
     /// Guest MAC address [default: a stable locally administered address derived from the socket path].
@@ -142,7 +147,8 @@ pub struct PortArgs {
     pub live_migration: bool,
 
     /// MTU shown to the guest [default: the host port's MTU]; in tap mode also set on the tap.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..=65500))]
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(MIN_MTU as i64..=MAX_MTU as i64))]
     pub mtu: Option<u16>,
 
     /// Connect to the socket (the VMM listens) instead of listening; reconnect forever.
@@ -167,27 +173,43 @@ pub struct PortArgs {
     pub socket_mode: Option<String>,
 }
 
+/// Port flags that do not describe a port.
+#[derive(Debug, thiserror::Error)]
+pub enum PortArgsError {
+    /// `--fd` given where only a socket path can work.
+    #[error(
+        "--fd names a descriptor of the daemon's own process: it is for the daemon's command \
+         line, not for ports added with `ctl add`"
+    )]
+    FdNotHere,
+    /// No socket.
+    #[error("--socket-path is required")]
+    NoSocket,
+    /// No host side.
+    #[error("one of --tap or --af-packet is required")]
+    NoHostPort,
+    /// The port the flags describe is not valid.
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
+}
+
 impl PortArgs {
     /// The port these flags describe, named `name`.
-    pub fn to_spec(&self, name: &str) -> Result<PortSpec, String> {
+    pub fn to_spec(&self, name: &str) -> Result<PortSpec, PortArgsError> {
         if self.fd.is_some() {
-            return Err(
-                "--fd names a descriptor of the daemon's own process: it is for the \
-                        daemon's command line, not for ports added with `ctl add`"
-                    .into(),
-            );
+            return Err(PortArgsError::FdNotHere);
         }
-        let socket = self.socket.clone().ok_or("--socket-path is required")?;
+        let socket = self.socket.clone().ok_or(PortArgsError::NoSocket)?;
         self.to_spec_at(name, socket)
     }
 
     /// The port these flags describe, named `name`, serving `socket` (the path of an inherited
     /// listening socket with --fd).
-    pub fn to_spec_at(&self, name: &str, socket: PathBuf) -> Result<PortSpec, String> {
+    pub fn to_spec_at(&self, name: &str, socket: PathBuf) -> Result<PortSpec, PortArgsError> {
         let host = match (&self.tap, &self.af_packet) {
             (Some(t), _) => HostSpec::Tap(t.clone()),
             (None, Some(i)) => HostSpec::AfPacket(i.clone()),
-            (None, None) => return Err("one of --tap or --af-packet is required".into()),
+            (None, None) => return Err(PortArgsError::NoHostPort),
         };
         let spec = PortSpec {
             name: name.into(),
@@ -206,7 +228,7 @@ impl PortArgs {
             socket_group: self.socket_group.clone(),
             socket_mode: self.socket_mode.clone(),
         };
-        spec.validate().map_err(|e| e.to_string())?;
+        spec.validate()?;
         Ok(spec)
     }
 }
@@ -261,9 +283,11 @@ pub enum CtlOp {
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if !(64..=32768).contains(&n) || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two between 64 and 32768"));
+    let n: u64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !queue_size_ok(n) {
+        return Err(format!(
+            "{n} is not a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}"
+        ));
     }
     Ok(n as u16)
 }
@@ -279,7 +303,8 @@ mod tests {
     }
 
     fn spec(args: &[&str]) -> Result<PortSpec, String> {
-        parse(args).map_err(|e| e.to_string())?.port.to_spec("p")
+        let args = parse(args).map_err(|e| e.to_string())?;
+        args.port.to_spec("p").map_err(|e| e.to_string())
     }
 
     #[test]

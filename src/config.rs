@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vhost_net_backend::config::{
+    queue_size_ok, DEFAULT_QUEUE_SIZE, MAX_MTU, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MIN_MTU,
+    MIN_QUEUE_SIZE,
+};
 use vhost_net_backend::MacAddr;
 
 /// Most ports one process serves.
@@ -61,7 +65,7 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 fn default_queue_size() -> u16 {
-    1024
+    DEFAULT_QUEUE_SIZE
 }
 fn default_busy_poll() -> u32 {
     10
@@ -216,15 +220,17 @@ impl PortSpec {
                 "socket path must be 1..={MAX_SOCKET_PATH} bytes, got {sock}"
             )));
         }
-        if !(1..=16).contains(&self.queues) {
-            return Err(self.invalid("queues must be 1..=16"));
+        if !(1..=MAX_QUEUE_PAIRS).contains(&usize::from(self.queues)) {
+            return Err(self.invalid(format!("queues must be 1..={MAX_QUEUE_PAIRS}")));
         }
-        if !(64..=32768).contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
-            return Err(self.invalid("queue_size must be a power of two in 64..=32768"));
+        if !queue_size_ok(u64::from(self.queue_size)) {
+            return Err(self.invalid(format!(
+                "queue_size must be a power of two in {MIN_QUEUE_SIZE}..={MAX_QUEUE_SIZE}"
+            )));
         }
         if let Some(m) = self.mtu {
-            if !(68..=65500).contains(&m) {
-                return Err(self.invalid("mtu must be 68..=65500"));
+            if !(MIN_MTU..=MAX_MTU).contains(&m) {
+                return Err(self.invalid(format!("mtu must be {MIN_MTU}..={MAX_MTU}")));
             }
         }
         if self.busy_poll_us > 1_000_000 {

@@ -148,7 +148,10 @@ pub fn spawn(path: &Path, registry: Arc<PortRegistry>) -> Result<(), crate::serv
             rt.block_on(serve(listener, registry));
             let _ = std::fs::remove_file(path);
         })
-        .map_err(|e| crate::server::ServerError::Session(e.to_string()))?;
+        .map_err(|source| crate::server::ServerError::Thread {
+            name: "control".into(),
+            source,
+        })?;
     Ok(())
 }
 

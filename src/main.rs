@@ -86,15 +86,20 @@ fn main() -> ExitCode {
         None if args.port.socket.is_none() => Vec::new(),
         None => match args.port.to_spec("main") {
             Ok(s) => vec![s],
-            Err(e) => return usage_error(&e),
+            Err(e) => return usage_error(&e.to_string()),
         },
     };
     // --fd: the port's listening socket was made by whoever started us.
     let inherited = match args.port.fd {
         Some(fd) => match vhost_pump::server::adopt_listener(fd)
             .map_err(|e| e.to_string())
-            .and_then(|(l, path)| Ok((args.port.to_spec_at("main", path)?, l)))
-        {
+            .and_then(|(l, path)| {
+                let spec = args
+                    .port
+                    .to_spec_at("main", path)
+                    .map_err(|e| e.to_string())?;
+                Ok((spec, l))
+            }) {
             Ok(p) => Some(p),
             Err(e) => return usage_error(&format!("--fd {fd}: {e}")),
         },
@@ -255,7 +260,7 @@ fn run_ctl(ctl: &CtlArgs) -> ExitCode {
     let req = match &ctl.op {
         CtlOp::Add { name, port } => match port.to_spec(name) {
             Ok(port) => Request::Add { port },
-            Err(e) => return usage_error(&e),
+            Err(e) => return usage_error(&e.to_string()),
         },
         CtlOp::Remove { name } => Request::Remove { name: name.clone() },
         CtlOp::List => Request::List,

@@ -74,10 +74,10 @@ pub struct Identity {
 pub enum SandboxError {
     /// Capabilities could not be dropped.
     #[error("cannot drop capabilities: {0}")]
-    Caps(String),
+    Caps(#[source] caps::errors::CapsError),
     /// The filter could not be built or installed.
     #[error("cannot install the seccomp filter: {0}")]
-    Seccomp(String),
+    Seccomp(#[source] seccompiler::Error),
     /// The thread could not switch to the sandbox identity although the process can.
     #[error("cannot switch to uid/gid {uid}/{gid}: {source}")]
     Identity {
@@ -90,7 +90,7 @@ pub enum SandboxError {
     },
     /// Landlock is there but refused the ruleset.
     #[error("cannot apply the Landlock scopes: {0}")]
-    Landlock(String),
+    Landlock(#[source] landlock::RulesetError),
 }
 
 /// Turns the sandbox on for port threads started from now on (the default).
@@ -258,7 +258,7 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
 }
 
 fn build_filter() -> Result<BpfProgram, SandboxError> {
-    let err = |e: &dyn std::fmt::Display| SandboxError::Seccomp(e.to_string());
+    let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.into());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls()
         .into_iter()
         .map(|s| (s, Vec::new()))
@@ -268,7 +268,7 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
         .map(|req| {
             SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)
                 .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(|e| err(&e))
+                .map_err(err)
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_ioctl, ioctl_rules);
@@ -279,7 +279,7 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
         libc::AF_UNIX as u64,
     )
     .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| err(&e))?;
+    .map_err(err)?;
     rules.insert(libc::SYS_socket, vec![unix_only]);
     // Stacking a further filter ([`harden`]), which can only take rights away.
     let add_filter = SeccompCondition::new(
@@ -289,7 +289,7 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
         u64::from(libc::SECCOMP_SET_MODE_FILTER),
     )
     .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| err(&e))?;
+    .map_err(err)?;
     rules.insert(libc::SYS_seccomp, vec![add_filter]);
     compile(
         rules,
@@ -325,14 +325,10 @@ fn compile(
     mismatch: SeccompAction,
     matched: SeccompAction,
 ) -> Result<BpfProgram, SandboxError> {
-    let err = |e: &dyn std::fmt::Display| SandboxError::Seccomp(e.to_string());
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(&e))?;
-    let filter = SeccompFilter::new(rules, mismatch, matched, arch).map_err(|e| err(&e))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(&e))
+    let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.into());
+    let arch = std::env::consts::ARCH.try_into().map_err(err)?;
+    let filter = SeccompFilter::new(rules, mismatch, matched, arch).map_err(err)?;
+    filter.try_into().map_err(err)
 }
 
 /// Confines the calling thread with Landlock's scopes: no connection to an abstract Unix
@@ -345,7 +341,7 @@ fn apply_landlock_scopes() -> Result<(), SandboxError> {
         .scope(Scope::AbstractUnixSocket | Scope::Signal)
         .and_then(|r| r.create())
         .and_then(|r| r.restrict_self())
-        .map_err(|e| SandboxError::Landlock(e.to_string()))?;
+        .map_err(SandboxError::Landlock)?;
     if status.ruleset != RulesetStatus::FullyEnforced && !LOGGED.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             "Landlock scopes not enforced by this kernel (needs 6.12 with Landlock on): port \
@@ -385,14 +381,14 @@ pub fn restrict_current_thread() -> Result<(), SandboxError> {
         })?;
     }
     for set in [CapSet::Effective, CapSet::Inheritable, CapSet::Ambient] {
-        caps::clear(None, set).map_err(|e| SandboxError::Caps(e.to_string()))?;
+        caps::clear(None, set).map_err(SandboxError::Caps)?;
     }
-    caps::clear(None, CapSet::Permitted).map_err(|e| SandboxError::Caps(e.to_string()))?;
+    caps::clear(None, CapSet::Permitted).map_err(SandboxError::Caps)?;
     // Landlock first: the seccomp allowlist has no Landlock syscalls. restrict_self sets
     // no_new_privs, as Landlock (and seccomp) require without CAP_SYS_ADMIN.
     apply_landlock_scopes()?;
     let filter = build_filter()?;
-    seccompiler::apply_filter(&filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    seccompiler::apply_filter(&filter).map_err(SandboxError::Seccomp)?;
     PORT_THREAD.with(|p| p.set(true));
     Ok(())
 }
@@ -409,7 +405,7 @@ pub fn harden() -> Result<(), SandboxError> {
 
 fn harden_now() -> Result<(), SandboxError> {
     let filter = build_hardening_filter()?;
-    seccompiler::apply_filter(&filter).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    seccompiler::apply_filter(&filter).map_err(SandboxError::Seccomp)?;
     HARDENED.with(|h| h.set(true));
     Ok(())
 }
@@ -611,7 +607,7 @@ mod tests {
     fn on_by_default_and_a_failure_is_reported_not_ignored() {
         // Nothing in the library tests turns the sandbox off.
         assert!(enabled());
-        let failing = || Err(SandboxError::Seccomp("denied".into()));
+        let failing = || Err(SandboxError::Seccomp(seccompiler::Error::EmptyFilter));
         assert!(matches!(
             enter_with(true, failing),
             Err(SandboxError::Seccomp(_))

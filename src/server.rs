@@ -38,9 +38,27 @@ pub enum ServerError {
         /// Cause.
         source: io::Error,
     },
-    /// The vhost-user library refused to start a session.
+    /// A thread of the session (or of the control socket) could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A thread of the session panicked.
+    #[error("the {0} thread panicked")]
+    ThreadPanicked(String),
+    /// The vhost-user library refused to set up a session. Its message only: the library's
+    /// error type is not `Sync` (it can carry a thread's panic payload).
     #[error("vhost-user session setup failed: {0}")]
-    Session(String),
+    Daemon(String),
+    /// The device could not register its host queues with the session's workers.
+    #[error("vhost-user session setup failed: {0}")]
+    Device(#[source] vhost_net_backend::BackendError),
+    /// The request handler's thread could not restrict itself (fail closed).
+    #[error("the request handler thread could not restrict itself")]
+    HandlerNotRestricted,
     /// The private channel to the request handler failed.
     #[error(transparent)]
     Handoff(#[from] HandoffError),
@@ -663,9 +681,12 @@ fn on_hardened_thread<T: Send>(
                 crate::sandbox::harden()?;
                 f()
             })
-            .map_err(|e| ServerError::Session(format!("cannot start a session thread: {e}")))?;
+            .map_err(|source| ServerError::Thread {
+                name: name.into(),
+                source,
+            })?;
         t.join()
-            .unwrap_or_else(|_| Err(ServerError::Session(format!("{name} thread panicked"))))
+            .unwrap_or_else(|_| Err(ServerError::ThreadPanicked(name.into())))
     })
 }
 
@@ -680,7 +701,7 @@ fn serve_session(
     let mut daemon = on_hardened_thread("vu-session", || {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         VhostUserDaemon::new("vhost-pump".into(), backend.clone(), mem)
-            .map_err(|e| ServerError::Session(e.to_string()))
+            .map_err(|e| ServerError::Daemon(e.to_string()))
     })?;
     let handlers = daemon.get_epoll_handlers();
     let running = Running {
@@ -689,7 +710,7 @@ fn serve_session(
     };
     backend
         .register_host_queues(&running.handlers)
-        .map_err(|e| ServerError::Session(e.to_string()))?;
+        .map_err(ServerError::Device)?;
     // The request handler connects from this (port) thread, the only one allowed to.
     let to_handler = handoff
         .connect_handler(|path| running.daemon.start_client(path).map_err(|e| e.to_string()))?;
@@ -698,9 +719,7 @@ fn serve_session(
         // The handler thread restricts itself while it answers this, before any frontend
         // message reaches it.
         if relay::probe_handler(&to_handler, limits.handler_send_timeout)? == 0 {
-            return Err(ServerError::Session(
-                "the request handler thread could not restrict itself".into(),
-            ));
+            return Err(ServerError::HandlerNotRestricted);
         }
         let announce = |mac: [u8; 6]| match backend.announce(mac) {
             Ok(sent) => session_info!(

@@ -256,40 +256,20 @@ impl Console {
 
 fn spawn_daemon(ns: &Netns, dir: &Path, mac: &str, log: &Path) -> Proc {
     let socket = dir.join("vm1.sock");
-    let _ = std::fs::remove_file(&socket);
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = ns
-        .cmd(&[
-            env!("CARGO_BIN_EXE_vhost-pump"),
-            "--socket-path",
-            socket.to_str().unwrap(),
-            "--tap",
-            TAP,
-            "--mac",
-            mac,
-            "--socket-owner",
-            "libvirt-qemu",
-            "--control",
-            dir.join("control.sock").to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn vhost-pump");
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "daemon did not create its socket: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
+    let control = dir.join("control.sock");
+    let args = [
+        "--socket-path",
+        socket.to_str().unwrap(),
+        "--tap",
+        TAP,
+        "--mac",
+        mac,
+        "--socket-owner",
+        "libvirt-qemu",
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    ns.spawn_daemon(&args, &socket, log)
 }
 
 /// Destroys the domain when the test ends, however it ends.

@@ -151,6 +151,11 @@ impl<'m> Vring<'m> {
 
     /// SET_VRING_NUM, _BASE, _ADDR, _KICK, _CALL, in QEMU's order.
     fn setup(&self, fe: &Frontend) {
+        self.setup_pausing(fe, Duration::ZERO);
+    }
+
+    /// [`Vring::setup`] with `pause` between SET_VRING_KICK and SET_VRING_CALL.
+    fn setup_pausing(&self, fe: &Frontend, pause: Duration) {
         let i = self.index;
         fe.set_vring_num(i, QSIZE).expect("SET_VRING_NUM");
         fe.set_vring_base(i, 0).expect("SET_VRING_BASE");
@@ -166,6 +171,7 @@ impl<'m> Vring<'m> {
         };
         fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
         fe.set_vring_kick(i, &self.kick).expect("SET_VRING_KICK");
+        std::thread::sleep(pause);
         fe.set_vring_call(i, &self.call).expect("SET_VRING_CALL");
     }
 
@@ -785,23 +791,7 @@ fn ring_started_with_work_waiting_interrupts_the_guest() {
         sender.send(&frame).expect("inject a frame into the tap");
         // QEMU's order, with time between the kick and the call for the device to move.
         for r in [&rx, &tx] {
-            let i = r.index;
-            fe.set_vring_num(i, QSIZE).expect("SET_VRING_NUM");
-            fe.set_vring_base(i, 0).expect("SET_VRING_BASE");
-            let h = mem.host;
-            let cfg = VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: h + r.desc_gpa(),
-                used_ring_addr: h + r.used_gpa(),
-                avail_ring_addr: h + r.avail_gpa(),
-                log_addr: None,
-            };
-            fe.set_vring_addr(i, &cfg).expect("SET_VRING_ADDR");
-            fe.set_vring_kick(i, &r.kick).expect("SET_VRING_KICK");
-            std::thread::sleep(Duration::from_millis(300));
-            fe.set_vring_call(i, &r.call).expect("SET_VRING_CALL");
+            r.setup_pausing(&fe, Duration::from_millis(300));
         }
         assert!(
             rx.wait_used(1, Duration::from_secs(5)),

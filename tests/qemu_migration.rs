@@ -40,33 +40,17 @@ const STREAM_BYTES: usize = 24 << 20;
 const STREAM_PORT: u16 = 5000;
 
 fn spawn_daemon(ns: &Netns, socket: &Path, tap: &str, log: &Path) -> Proc {
-    let _ = std::fs::remove_file(socket);
-    let log_file = std::fs::File::create(log).expect("daemon log");
-    let child = ns
-        .cmd(&[
-            env!("CARGO_BIN_EXE_vhost-pump"),
-            "--socket-path",
-            socket.to_str().unwrap(),
-            "--tap",
-            tap,
-            "--mac",
-            GUEST_MAC,
-        ])
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn vhost-pump");
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "daemon did not create {}: {}",
-            socket.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
+    let _ = std::fs::remove_file(log);
+    let socket_arg = socket.to_str().unwrap();
+    let args = [
+        "--socket-path",
+        socket_arg,
+        "--tap",
+        tap,
+        "--mac",
+        GUEST_MAC,
+    ];
+    ns.spawn_daemon(&args, socket, log)
 }
 
 fn guest_opts(qemu: &guest::Qemu, socket: &Path, monitor: PathBuf, name: &str) -> GuestOpts {

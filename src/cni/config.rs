@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use vhost_net_backend::config::{
+    queue_size_ok, MAX_MTU, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MIN_MTU, MIN_QUEUE_SIZE,
+};
 use vhost_net_backend::MacAddr;
 
 use super::error::{code, CniError};
@@ -287,22 +290,31 @@ impl NetConf {
 
         let queues = match raw.queues {
             None => 1,
-            Some(q @ 1..=16) => q as u16,
-            Some(q) => return Err(invalid(format!("queues {q} must be between 1 and 16"))),
+            Some(q) if (1..=MAX_QUEUE_PAIRS as u64).contains(&q) => q as u16,
+            Some(q) => {
+                return Err(invalid(format!(
+                    "queues {q} must be between 1 and {MAX_QUEUE_PAIRS}"
+                )))
+            }
         };
         let queue_size = match raw.queue_size {
             None => 256,
-            Some(q) if (64..=32768).contains(&q) && q.is_power_of_two() => q as u16,
+            Some(q) if queue_size_ok(q) => q as u16,
             Some(q) => {
                 return Err(invalid(format!(
-                    "queueSize {q} must be a power of two between 64 and 32768"
+                    "queueSize {q} must be a power of two between {MIN_QUEUE_SIZE} and \
+                     {MAX_QUEUE_SIZE}"
                 )))
             }
         };
         let mtu = match raw.mtu {
             None => None,
-            Some(m @ 68..=65500) => Some(m as u16),
-            Some(m) => return Err(invalid(format!("mtu {m} must be between 68 and 65500"))),
+            Some(m) if (u64::from(MIN_MTU)..=u64::from(MAX_MTU)).contains(&m) => Some(m as u16),
+            Some(m) => {
+                return Err(invalid(format!(
+                    "mtu {m} must be between {MIN_MTU} and {MAX_MTU}"
+                )))
+            }
         };
         let kata = match raw.kata.as_ref().map(|k| k.as_str().ok_or(k)) {
             None | Some(Ok("go")) => KataRuntime::Go,

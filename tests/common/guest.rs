@@ -145,23 +145,9 @@ pub fn migration_qemu() -> io::Result<Qemu> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = DIR
         .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/setup/fetch-qemu.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed ({}):\n{}{}",
-                    script.display(),
-                    out.status,
-                    stdout,
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            Ok(PathBuf::from(stdout.lines().last().unwrap_or("").trim()))
+            run_setup_script(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/setup/fetch-qemu.sh"),
+            )
         })
         .clone()
         .map_err(io::Error::other)?;
@@ -198,23 +184,7 @@ pub fn try_guest_dir() -> io::Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
         let script = build_script();
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed ({}):\n{}{}",
-                script.display(),
-                out.status,
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        // The script's last line is the directory.
-        let dir = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+        let dir = run_setup_script(&script)?;
         for f in ["vmlinuz", "initramfs.cpio.gz"] {
             if !dir.join(f).is_file() {
                 return Err(format!(
@@ -228,6 +198,27 @@ pub fn try_guest_dir() -> io::Result<PathBuf> {
     })
     .clone()
     .map_err(io::Error::other)
+}
+
+/// Runs one of the `tests/setup` scripts that build or fetch something into a cache and print
+/// its directory as their last line; returns that directory.
+fn run_setup_script(script: &Path) -> Result<PathBuf, String> {
+    let out = Command::new("bash")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(PathBuf::from(stdout.lines().last().unwrap_or("").trim()))
 }
 
 /// Why the VM tests cannot run on this machine, or `None` if they can (root, QEMU, /dev/net/tun).

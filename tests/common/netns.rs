@@ -750,6 +750,34 @@ impl NamedNetns {
         )
     }
 
+    /// Starts the daemon inside the namespace with `args` (which make it listen on `socket`),
+    /// its stderr appended to `log`, and waits up to 10 s for the socket (a stale one is
+    /// removed first). Killed when the returned value drops.
+    pub fn spawn_daemon(&self, args: &[&str], socket: &Path, log: &Path) -> KillOnDrop {
+        let _ = std::fs::remove_file(socket);
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log");
+        let mut argv = vec![DAEMON_BIN];
+        argv.extend_from_slice(args);
+        let child = KillOnDrop(
+            self.cmd(&argv)
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn vhost-pump"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || socket.exists()),
+            "daemon did not create {}: {}",
+            socket.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        child
+    }
+
     /// A counter of an interface in the namespace (`/sys/class/net/IF/statistics/NAME`).
     pub fn if_counter(&self, ifname: &str, name: &str) -> u64 {
         self.exec(&["cat", &format!("/sys/class/net/{ifname}/statistics/{name}")])

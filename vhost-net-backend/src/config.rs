@@ -82,6 +82,18 @@ pub const MIN_MTU: u16 = 68;
 pub const MAX_MTU: u16 = 65500;
 /// Largest number of queue pairs (each pair is one worker thread).
 pub const MAX_QUEUE_PAIRS: usize = 16;
+/// Smallest ring size a port accepts (a power of two).
+pub const MIN_QUEUE_SIZE: u16 = 64;
+/// Largest ring size a port accepts: the split ring's limit.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// The daemon's default largest ring size.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+/// True for a ring size a port accepts: a power of two in
+/// [`MIN_QUEUE_SIZE`]`..=`[`MAX_QUEUE_SIZE`].
+pub fn queue_size_ok(n: u64) -> bool {
+    (u64::from(MIN_QUEUE_SIZE)..=u64::from(MAX_QUEUE_SIZE)).contains(&n) && n.is_power_of_two()
+}
 
 /// Static description of one virtio-net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
