@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod netdev;
 pub mod ports;
 pub mod ratelimit;
-pub mod relay;
+pub use vhost_net_backend::relay;
 pub mod sandbox;
 pub mod server;
 pub mod tap;

@@ -4,6 +4,10 @@
 //! implemented elsewhere) with one copy, done by the kernel in the host port's `readv`/`writev`.
 //! Guest input is untrusted: every descriptor is checked through `vm-memory`, and bad input is
 //! counted per reason in [`QueueStats`], never a panic.
+//!
+//! [`relay`] is the first parser of a frontend's vhost-user messages: it sits between the
+//! frontend and the `vhost` crate's request handler, so it lives here with the device it
+//! protects, testable and fuzzable without the daemon.
 
 pub mod announce;
 pub mod backend;
@@ -13,6 +17,7 @@ pub mod dirty;
 pub mod features;
 mod log;
 pub mod port;
+pub mod relay;
 pub mod rx;
 pub mod security;
 pub mod sigbus;

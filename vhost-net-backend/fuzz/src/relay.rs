@@ -1,4 +1,4 @@
-//! Arbitrary frontend bytes through `vhost_pump::relay::run`, the daemon's first parser of
+//! Arbitrary frontend bytes through `vhost_net_backend::relay::run`, the daemon's first parser of
 //! untrusted vhost-user messages.
 //!
 //! Input format:
@@ -139,8 +139,8 @@ pub fn run(data: &[u8]) {
         let _ = fe_ours.shutdown(Shutdown::Write);
         drop(files);
     });
-    let limits = vhost_pump::relay::Limits::default();
-    let _ = vhost_pump::relay::run(fe_theirs, h_theirs, &limits, true);
+    let limits = vhost_net_backend::relay::Limits::default();
+    let _ = vhost_net_backend::relay::run(fe_theirs, h_theirs, &limits, true);
     writer.join().expect("writer");
     drain.join().expect("drain");
     if let Err(p) = handler.join() {
