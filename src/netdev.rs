@@ -1,8 +1,15 @@
-//! Small helpers for host network interfaces: validated names, link up, MTU.
+//! Host network interface syscalls, in one place: validated names, `struct ifreq` (libc's
+//! type), interface index, link state, MTU, and the tun/tap ioctls (through vmm-sys-util's
+//! ioctl helpers). The tap port, the AF_PACKET port, the CNI plugin and the sandbox's seccomp
+//! allowlist all take their numbers from here, so the filter cannot drift from the code.
 
 use std::ffi::{CStr, CString};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+pub use libc::{TUNSETIFF, TUNSETOFFLOAD, TUNSETPERSIST, TUNSETVNETHDRSZ};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 /// A validated Linux interface name (1..=15 bytes, no '/', ':' or whitespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,34 +61,25 @@ pub struct LinkError {
 
 /// True when an interface of this name exists in the current network namespace.
 pub fn exists(name: &IfName) -> bool {
-    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
-    unsafe { libc::if_nametoindex(name.as_cstr().as_ptr()) != 0 }
+    index(name.as_cstr()).is_some()
 }
 
-#[repr(C)]
-union IfReqData {
-    flags: libc::c_short,
-    mtu: libc::c_int,
-    _pad: [u8; 24],
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    data: IfReqData,
-}
-
-impl IfReq {
-    fn new(name: &IfName) -> Self {
-        let mut r = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            data: IfReqData { _pad: [0; 24] },
-        };
-        for (d, s) in r.name.iter_mut().zip(name.as_cstr().to_bytes()) {
-            *d = *s as libc::c_char;
-        }
-        r
+/// A `struct ifreq` (libc's type) naming `name`, everything else zero.
+pub fn ifreq(name: &IfName) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data (a name array and a union of integers, sockaddrs and a
+    // pointer); all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.as_cstr().to_bytes()) {
+        *d = *s as libc::c_char;
     }
+    r
+}
+
+/// Index of interface `name` in the current network namespace, or None if there is none.
+pub fn index(name: &CStr) -> Option<libc::c_int> {
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    libc::c_int::try_from(i).ok().filter(|i| *i > 0)
 }
 
 fn ctl_socket() -> io::Result<OwnedFd> {
@@ -94,54 +92,118 @@ fn ctl_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn ifreq_ioctl(
-    name: &IfName,
-    what: &'static str,
-    req: libc::c_ulong,
-    r: &mut IfReq,
-) -> Result<(), LinkError> {
-    let err = |source| LinkError {
-        name: name.as_str().into(),
-        what,
-        source,
-    };
-    let sock = ctl_socket().map_err(err)?;
-    // SAFETY: the SIOC[GS]IF* requests used here read/write a `struct ifreq`, which IfReq
-    // mirrors (16-byte name + 24-byte union) and which lives for the call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), req, r as *mut IfReq) };
-    if rc < 0 {
-        return Err(err(io::Error::last_os_error()));
+/// Issues `req` (one of the `SIOC[GS]IF*` requests, which read and write a `struct ifreq`)
+/// on a control socket.
+fn ifreq_ioctl(req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+    let sock = ctl_socket()?;
+    // SAFETY: the SIOC[GS]IF* requests used here read and write one `struct ifreq`, which
+    // lives for the call.
+    if unsafe { ioctl_with_mut_ref(&sock, req, r) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
+fn link_ioctl(
+    name: &IfName,
+    what: &'static str,
+    req: libc::c_ulong,
+    r: &mut libc::ifreq,
+) -> Result<(), LinkError> {
+    ifreq_ioctl(req, r).map_err(|source| LinkError {
+        name: name.as_str().into(),
+        what,
+        source,
+    })
+}
+
 /// Brings the interface up.
 pub fn set_up(name: &IfName) -> Result<(), LinkError> {
-    let mut r = IfReq::new(name);
-    ifreq_ioctl(name, "read flags", libc::SIOCGIFFLAGS, &mut r)?;
+    let mut r = ifreq(name);
+    link_ioctl(name, "read flags", libc::SIOCGIFFLAGS, &mut r)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member.
-    let flags = unsafe { r.data.flags };
+    let flags = unsafe { r.ifr_ifru.ifru_flags };
     if flags & libc::IFF_UP as libc::c_short != 0 {
         return Ok(());
     }
-    r.data.flags = flags | libc::IFF_UP as libc::c_short;
-    ifreq_ioctl(name, "bring up", libc::SIOCSIFFLAGS, &mut r)
+    r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    link_ioctl(name, "bring up", libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// Whether interface `ifindex` exists and is administratively up.
+pub fn is_up(ifindex: libc::c_int) -> io::Result<bool> {
+    // SAFETY: as in `ifreq`: all-zero is a valid ifreq.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    let index = libc::c_uint::try_from(ifindex).map_err(io::Error::other)?;
+    // SAFETY: if_indextoname writes at most IFNAMSIZ bytes into the name array.
+    if unsafe { libc::if_indextoname(index, r.ifr_name.as_mut_ptr()) }.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    ifreq_ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member.
+    Ok(unsafe { r.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
 }
 
 /// Reads the interface MTU.
 pub fn mtu(name: &IfName) -> Result<u16, LinkError> {
-    let mut r = IfReq::new(name);
-    ifreq_ioctl(name, "read the MTU", libc::SIOCGIFMTU, &mut r)?;
+    let mut r = ifreq(name);
+    link_ioctl(name, "read the MTU", libc::SIOCGIFMTU, &mut r)?;
     // SAFETY: SIOCGIFMTU filled the mtu member.
-    let m = unsafe { r.data.mtu };
+    let m = unsafe { r.ifr_ifru.ifru_mtu };
     Ok(u16::try_from(m).unwrap_or(u16::MAX))
 }
 
 /// Sets the interface MTU.
 pub fn set_mtu(name: &IfName, mtu: u16) -> Result<(), LinkError> {
-    let mut r = IfReq::new(name);
-    r.data.mtu = libc::c_int::from(mtu);
-    ifreq_ioctl(name, "set the MTU", libc::SIOCSIFMTU, &mut r)
+    let mut r = ifreq(name);
+    r.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+    link_ioctl(name, "set the MTU", libc::SIOCSIFMTU, &mut r)
+}
+
+/// Attaches the `/dev/net/tun` file `tun` to tap `name` (created if it does not exist) with a
+/// virtio-net header on every frame and no packet information; `multi_queue` for a tap with
+/// one queue per file.
+pub fn tun_set_iff(tun: &File, name: &IfName, multi_queue: bool) -> io::Result<()> {
+    let mut r = ifreq(name);
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    // The flags are a short in the union; these values fit.
+    r.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which lives for the call.
+    if unsafe { ioctl_with_mut_ref(tun, TUNSETIFF, &mut r) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the tap of `tun` outlive its last open file (`TUNSETPERSIST`).
+pub fn tun_set_persist(tun: &impl AsRawFd, persist: bool) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST takes an integer by value; no memory is passed.
+    if unsafe { ioctl_with_val(tun, TUNSETPERSIST, libc::c_ulong::from(persist)) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the tap's offloads (`TUN_F_*` flags): what it may hand us unsegmented or without a
+/// checksum.
+pub fn tun_set_offload(tun: &impl AsRawFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes an integer by value; no memory is passed.
+    if unsafe { ioctl_with_val(tun, TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the length of the virtio-net header in front of every frame (10 or 12).
+pub fn tun_set_vnet_hdr_sz(tun: &impl AsRawFd, len: libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the reference, valid for the call.
+    if unsafe { ioctl_with_ref(tun, TUNSETVNETHDRSZ, &len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -158,7 +220,19 @@ mod tests {
     }
 
     #[test]
-    fn ifreq_layout() {
-        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    fn ifreq_names_the_interface_and_has_the_kernel_size() {
+        assert_eq!(std::mem::size_of::<libc::ifreq>(), 40);
+        let r = ifreq(&IfName::new("tap0").unwrap());
+        let name: Vec<u8> = r.ifr_name.iter().map(|c| *c as u8).collect();
+        assert_eq!(&name[..5], b"tap0\0");
+    }
+
+    #[test]
+    fn tun_ioctl_numbers_are_the_kernels() {
+        // _IOW('T', n, int) as in <linux/if_tun.h>.
+        assert_eq!(TUNSETIFF, 0x4004_54ca);
+        assert_eq!(TUNSETPERSIST, 0x4004_54cb);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
+        assert_eq!(TUNSETVNETHDRSZ, 0x4004_54d8);
     }
 }

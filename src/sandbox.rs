@@ -175,11 +175,12 @@ pub fn port_identity() -> Option<Identity> {
     })
 }
 
-// ioctl requests a port thread may issue: tun offload/header settings and non-blocking mode.
-const TUNSETOFFLOAD: u64 = 0x4004_54d0;
-const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
-const FIONBIO: u64 = 0x5421;
-const FIOCLEX: u64 = 0x5451;
+// ioctl requests a port thread may issue: tun offload/header settings (the numbers the tap
+// code uses, from `netdev`) and non-blocking / close-on-exec mode.
+const TUNSETOFFLOAD: u64 = crate::netdev::TUNSETOFFLOAD;
+const TUNSETVNETHDRSZ: u64 = crate::netdev::TUNSETVNETHDRSZ;
+const FIONBIO: u64 = libc::FIONBIO;
+const FIOCLEX: u64 = libc::FIOCLEX;
 
 fn allowed_syscalls() -> Vec<libc::c_long> {
     vec![

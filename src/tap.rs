@@ -13,22 +13,7 @@ use crate::netdev::{self, IfName};
 
 const TUN_PATH: &str = "/dev/net/tun";
 
-// ioctl request numbers from <linux/if_tun.h> (_IOW('T', n, int) and friends).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
-
-const TUN_F_CSUM: libc::c_uint = 0x01;
-const TUN_F_TSO4: libc::c_uint = 0x02;
-const TUN_F_TSO6: libc::c_uint = 0x04;
-const TUN_F_TSO_ECN: libc::c_uint = 0x08;
-const TUN_F_USO4: libc::c_uint = 0x20;
-const TUN_F_USO6: libc::c_uint = 0x40;
+use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_USO4, TUN_F_USO6};
 
 /// Most iovecs one readv/writev takes (Linux UIO_MAXIOV).
 const MAX_IOV: usize = 1024;
@@ -76,33 +61,6 @@ pub struct TapPort {
     mtu: u16,
 }
 
-#[repr(C)]
-struct IfReqFlags {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-fn ioctl_int(fd: RawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: these tun ioctls take an integer argument by value and touch no user memory.
-    let r = unsafe { libc::ioctl(fd, req, arg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn ioctl_int_ptr(fd: RawFd, req: libc::c_ulong, arg: &libc::c_int) -> io::Result<()> {
-    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid for the call.
-    let r = unsafe { libc::ioctl(fd, req, arg as *const libc::c_int) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl TapPort {
     /// Attaches to tap `name` or creates it (in the current network namespace) with `queues`
     /// queues, brings it up, and applies `mtu` when given. Without `mtu`, the device's MTU is used.
@@ -121,12 +79,7 @@ impl TapPort {
         let port = TapPort {
             name: ifname.clone(),
             caps: HostCapabilities {
-                uso: ioctl_int(
-                    ctl.as_raw_fd(),
-                    TUNSETOFFLOAD,
-                    libc::c_ulong::from(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6),
-                )
-                .is_ok(),
+                uso: netdev::tun_set_offload(&ctl, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6).is_ok(),
             },
             ctl,
             queues: Mutex::new(fds.into_iter().map(Some).collect()),
@@ -168,22 +121,7 @@ impl TapPort {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReqFlags {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        if multi_queue {
-            req.flags |= IFF_MULTI_QUEUE;
-        }
-        for (d, s) in req.name.iter_mut().zip(name.as_cstr().to_bytes()) {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReqFlags has its layout and size
-        // (16-byte name, then the flags union padded to 24 bytes) and lives for the call.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) };
-        if r < 0 {
-            let source = io::Error::last_os_error();
+        if let Err(source) = netdev::tun_set_iff(&file, name, multi_queue) {
             let hint = match source.raw_os_error() {
                 Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN)",
                 Some(libc::EINVAL) => {
@@ -202,12 +140,7 @@ impl TapPort {
     }
 
     fn set_offload_flags(&self, flags: libc::c_uint) -> Result<(), TapError> {
-        ioctl_int(
-            self.ctl.as_raw_fd(),
-            TUNSETOFFLOAD,
-            libc::c_ulong::from(flags),
-        )
-        .map_err(|source| TapError::Configure {
+        netdev::tun_set_offload(&self.ctl, flags).map_err(|source| TapError::Configure {
             name: self.name.as_str().into(),
             what: "TUNSETOFFLOAD",
             source,
@@ -215,12 +148,10 @@ impl TapPort {
     }
 
     fn set_hdr_len(&self, len: libc::c_int) -> Result<(), TapError> {
-        ioctl_int_ptr(self.ctl.as_raw_fd(), TUNSETVNETHDRSZ, &len).map_err(|source| {
-            TapError::Configure {
-                name: self.name.as_str().into(),
-                what: "TUNSETVNETHDRSZ",
-                source,
-            }
+        netdev::tun_set_vnet_hdr_sz(&self.ctl, len).map_err(|source| TapError::Configure {
+            name: self.name.as_str().into(),
+            what: "TUNSETVNETHDRSZ",
+            source,
         })
     }
 }
@@ -390,10 +321,5 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(tun_offload_flags(tso_no_csum, no_uso), 0);
-    }
-
-    #[test]
-    fn ifreq_has_kernel_size() {
-        assert_eq!(std::mem::size_of::<IfReqFlags>(), 40);
     }
 }

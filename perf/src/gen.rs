@@ -5,6 +5,7 @@
 //! brings its own. Frames are UDP/IPv4 with a few source ports, so multiqueue receivers spread
 //! them over queues.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,17 +136,7 @@ impl Drop for Generator {
     }
 }
 
-/// An owned socket fd.
-struct Fd(libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: closing a descriptor this struct owns.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn open(cfg: &GenConfig) -> Result<Fd> {
+fn open(cfg: &GenConfig) -> Result<OwnedFd> {
     crate::sys::enter_netns(&cfg.netns)?;
     if let Some(cpu) = cfg.cpu {
         crate::sys::pin_current_thread(cpu);
@@ -162,12 +153,13 @@ fn open(cfg: &GenConfig) -> Result<Fd> {
     if fd < 0 {
         bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
     }
-    let fd = Fd(fd);
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a pointer to a live c_int and its size.
     unsafe {
         libc::setsockopt(
-            fd.0,
+            fd.as_raw_fd(),
             libc::SOL_PACKET,
             libc::PACKET_QDISC_BYPASS,
             (&one as *const libc::c_int).cast(),
@@ -178,7 +170,7 @@ fn open(cfg: &GenConfig) -> Result<Fd> {
     // SAFETY: as above.
     unsafe {
         libc::setsockopt(
-            fd.0,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&sndbuf as *const libc::c_int).cast(),
@@ -193,7 +185,7 @@ fn open(cfg: &GenConfig) -> Result<Fd> {
     // SAFETY: bind with a pointer to a live sockaddr_ll and its size.
     let rc = unsafe {
         libc::bind(
-            fd.0,
+            fd.as_raw_fd(),
             (&sll as *const libc::sockaddr_ll).cast(),
             std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
@@ -239,7 +231,13 @@ pub fn build_frame(len: usize, sport: u16) -> Vec<u8> {
     f
 }
 
-fn send_loop(sock: Fd, cfg: &GenConfig, stop: &AtomicBool, sent: &AtomicU64, errors: &AtomicU64) {
+fn send_loop(
+    sock: OwnedFd,
+    cfg: &GenConfig,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+    errors: &AtomicU64,
+) {
     let flows = cfg.flows.max(1);
     let mut frames: Vec<Vec<u8>> = (0..flows)
         .map(|i| build_frame(cfg.frame_len, 1024 + i))
@@ -277,7 +275,7 @@ fn send_loop(sock: Fd, cfg: &GenConfig, stop: &AtomicBool, sent: &AtomicU64, err
             n = ((due - total) as usize).min(BATCH);
         }
         // SAFETY: msgs[..n] point at live iovecs, which point at live frame buffers.
-        let rc = unsafe { libc::sendmmsg(sock.0, msgs.as_mut_ptr(), n as u32, 0) };
+        let rc = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
         if rc > 0 {
             total += rc as u64;
             sent.store(total, Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! ICMP echo round-trip times from a lab namespace (a raw socket; no `ping` binary needed).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -46,14 +47,8 @@ pub fn ping(
             if fd < 0 {
                 bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
             }
-            struct Fd(i32);
-            impl Drop for Fd {
-                fn drop(&mut self) {
-                    // SAFETY: closing the descriptor this guard owns.
-                    unsafe { libc::close(self.0) };
-                }
-            }
-            let fd = Fd(fd);
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let tv = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 100_000,
@@ -61,7 +56,7 @@ pub fn ping(
             // SAFETY: setsockopt with a pointer to a live timeval and its size.
             unsafe {
                 libc::setsockopt(
-                    fd.0,
+                    fd.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_RCVTIMEO,
                     (&tv as *const libc::timeval).cast(),
@@ -86,7 +81,7 @@ pub fn ping(
                 // SAFETY: sendto with a live buffer and sockaddr_in.
                 let rc = unsafe {
                     libc::sendto(
-                        fd.0,
+                        fd.as_raw_fd(),
                         pkt.as_ptr().cast(),
                         pkt.len(),
                         0,
@@ -99,7 +94,9 @@ pub fn ping(
                 }
                 while t0.elapsed() < Duration::from_secs(1) {
                     // SAFETY: recv into a live buffer of the given length.
-                    let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                    let n = unsafe {
+                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
                     if n <= 0 {
                         continue;
                     }

@@ -375,7 +375,7 @@ impl AfPacketPort {
         only_mac: Option<MacAddr>,
     ) -> Result<Self, AfPacketError> {
         let name = IfName::new(ifname)?;
-        let ifindex = sys::if_index(name.as_cstr())
+        let ifindex = crate::netdev::index(name.as_cstr())
             .ok_or_else(|| AfPacketError::NoSuchInterface(ifname.into()))?;
         let if_mtu = netdev::mtu(&name)?;
         if let Err(e) = netdev::set_up(&name) {

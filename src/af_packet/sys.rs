@@ -1,7 +1,6 @@
 //! The kernel side: a queue's AF_PACKET sockets with their mmap'd RX and TX rings, and the small
 //! syscalls around it (fan-out, statistics, link state and link events).
 
-use std::ffi::CStr;
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -551,41 +550,6 @@ pub unsafe fn status<'a>(frame: *mut u8) -> &'a AtomicU32 {
     // SAFETY: slots are 16-byte aligned inside a page-aligned mapping, so the u32 at offset 0
     // is aligned; the caller guarantees the mapping outlives the returned reference's use.
     unsafe { &*frame.cast::<AtomicU32>() }
-}
-
-/// Index of interface `name`, or None if it does not exist.
-pub fn if_index(name: &CStr) -> Option<libc::c_int> {
-    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
-    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    libc::c_int::try_from(i).ok().filter(|i| *i > 0)
-}
-
-/// Whether interface `ifindex` exists and is administratively up.
-pub fn if_is_up(ifindex: libc::c_int) -> io::Result<bool> {
-    #[repr(C)]
-    struct IfReq {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: 0,
-        _pad: [0; 22],
-    };
-    let index = libc::c_uint::try_from(ifindex).map_err(io::Error::other)?;
-    // SAFETY: if_indextoname writes at most IFNAMSIZ bytes into the buffer.
-    if unsafe { libc::if_indextoname(index, req.name.as_mut_ptr()) }.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `s` is a fresh descriptor nobody else owns.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: SIOCGIFFLAGS reads and writes a `struct ifreq`, which IfReq mirrors (16-byte
-    // name, then the 24-byte union starting with the flags); it lives for the call.
-    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut IfReq) })?;
-    Ok(req.flags & libc::IFF_UP as libc::c_short != 0)
 }
 
 /// The interface index an AF_PACKET socket is bound to: -1 once the interface was unregistered

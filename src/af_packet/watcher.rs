@@ -96,17 +96,17 @@ impl Watch {
         let bound = sys::bound_ifindex(self.probe.as_raw_fd()).unwrap_or(-1);
         if bound == self.ifindex {
             // Still registered: up or down. The kernel resumes the sockets by itself on up.
-            let up = sys::if_is_up(self.ifindex).unwrap_or(false);
+            let up = crate::netdev::is_up(self.ifindex).unwrap_or(false);
             self.set(if up { Link::Up } else { Link::Down });
             return;
         }
         // The interface was unregistered under the sockets; look for its return by name.
         self.set(Link::Gone);
-        let Some(new) = sys::if_index(self.shared.name.as_cstr()) else {
+        let Some(new) = crate::netdev::index(self.shared.name.as_cstr()) else {
             self.back_but_down = false;
             return;
         };
-        if !sys::if_is_up(new).unwrap_or(false) {
+        if !crate::netdev::is_up(new).unwrap_or(false) {
             if !self.back_but_down {
                 self.back_but_down = true;
                 tracing::info!(

@@ -6,7 +6,6 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,14 +16,6 @@ use serde::Deserialize;
 use super::config::MacvlanMode;
 use super::error::{code, CniError};
 use crate::netdev::{self, IfName};
-
-// <linux/if_tun.h>
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 
 /// Host port failures.
 #[derive(Debug, thiserror::Error)]
@@ -234,13 +225,6 @@ pub fn add_gateway(bridge: &str, addr: IpNet) -> Result<(), HostPortError> {
     })
 }
 
-#[repr(C)]
-struct TunReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 /// Creates persistent tap `name` (vnet header, multi-queue when `multi_queue`), sets `mtu`,
 /// enslaves it to `bridge` and brings it up. A leftover tap of that name is replaced.
 pub fn create_tap(
@@ -271,26 +255,8 @@ pub fn create_tap(
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .map_err(tap_err)?;
-    let mut req = TunReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    if multi_queue {
-        req.flags |= IFF_MULTI_QUEUE;
-    }
-    for (d, s) in req.name.iter_mut().zip(ifname.as_cstr().to_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; TunReq has its layout and size (16-byte
-    // name, flags, padding to 40 bytes) and outlives the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req as *mut TunReq) } < 0 {
-        return Err(tap_err(io::Error::last_os_error()));
-    }
-    // SAFETY: TUNSETPERSIST takes an integer by value; no memory is passed.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(tap_err(io::Error::last_os_error()));
-    }
+    netdev::tun_set_iff(&tun, &ifname, multi_queue).map_err(tap_err)?;
+    netdev::tun_set_persist(&tun, true).map_err(tap_err)?;
     drop(tun);
     let m = mtu.to_string();
     let r = ip(&[
@@ -350,15 +316,5 @@ pub fn delete(name: &str) -> Result<(), HostPortError> {
     match ip(&["link", "del", "dev", name]) {
         Err(_) if !exists(name) => Ok(()),
         r => r.map(drop),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tun_req_has_ifreq_size() {
-        assert_eq!(std::mem::size_of::<TunReq>(), 40);
     }
 }
