@@ -196,35 +196,63 @@ impl AfPacketError {
     }
 }
 
-/// Port-wide counters of events the data path's own counters do not see (they count what
-/// `recv`/`send` report; these say why).
-#[derive(Debug, Default)]
-pub struct AfPacketCounters {
-    /// Frames too large for the device (over 64 KiB, e.g. BIG TCP), or too large for a slot
-    /// while the socket's queue for such frames was full: dropped, never delivered cut.
-    pub rx_truncated: AtomicU64,
-    /// GSO frames of a kind the guest did not negotiate.
-    pub rx_gso_refused: AtomicU64,
-    /// Frames larger than the guest's buffers.
-    pub rx_too_big: AtomicU64,
-    /// Frames with inconsistent ring or checksum metadata.
-    pub rx_malformed: AtomicU64,
-    /// Partial checksums completed in software for a guest without GUEST_CSUM.
-    pub rx_csum_completed: AtomicU64,
-    /// Frames the kernel dropped because the RX ring was full (PACKET_STATISTICS).
-    pub rx_ring_full: AtomicU64,
-    /// Guest frames refused before transmission (bad GSO header, oversize).
-    pub tx_refused: AtomicU64,
-    /// Guest frames dropped because the interface was down or gone.
-    pub tx_link_down: AtomicU64,
-    /// Guest frames dropped after waiting [`TX_STALL`] for the kernel.
-    pub tx_stalled: AtomicU64,
-    /// Guest frames dropped because the kernel failed the transmission otherwise.
-    pub tx_failed: AtomicU64,
-    /// Times a queue rebuilt its socket on a re-created interface.
-    pub reattached: AtomicU64,
-    /// Frames larger than an RX slot (GSO, jumbo) delivered through the socket's queue.
-    pub rx_copied: AtomicU64,
+/// Declares the AF_PACKET counters once, as `name: "help"`: the live [`AfPacketCounters`], the
+/// plain [`AfPacketSnapshot`] (`ctl stats` JSON) and the `(name, help, value)` list the
+/// metrics endpoint renders all come from this one table.
+macro_rules! af_packet_counters {
+    ($($name:ident: $help:literal,)*) => {
+        /// Port-wide counters of events the data path's own counters do not see (they count
+        /// what `recv`/`send` report; these say why).
+        #[derive(Debug, Default)]
+        pub struct AfPacketCounters {
+            $(#[doc = $help] pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of an AF_PACKET port's interface, link state and
+        /// [`AfPacketCounters`], as plain numbers.
+        #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct AfPacketSnapshot {
+            /// Interface name.
+            pub interface: String,
+            /// Link state.
+            pub link: LinkState,
+            $(#[doc = $help] #[serde(default)] pub $name: u64,)*
+        }
+
+        impl AfPacketSnapshot {
+            /// Every counter as `(name, description, value)`, in a fixed order.
+            pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name),)*]
+            }
+        }
+
+        impl AfPacketCounters {
+            fn snapshot(&self, interface: String, link: LinkState) -> AfPacketSnapshot {
+                AfPacketSnapshot {
+                    interface,
+                    link,
+                    $($name: self.$name.load(Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+af_packet_counters! {
+    rx_truncated: "Frames too large for the device (over 64 KiB, e.g. BIG TCP), or for a slot \
+        while the socket's queue for such frames was full (dropped, never delivered cut).",
+    rx_gso_refused: "GSO frames of a kind the guest did not negotiate (dropped).",
+    rx_too_big: "Frames larger than the guest's buffers (dropped).",
+    rx_malformed: "Frames with inconsistent ring or checksum metadata (dropped).",
+    rx_csum_completed: "Partial checksums completed in software for a guest without GUEST_CSUM.",
+    rx_ring_full: "Frames the kernel dropped because the AF_PACKET RX ring was full.",
+    tx_refused: "Guest frames refused before transmission (bad GSO header, oversize).",
+    tx_link_down: "Guest frames dropped because the interface was down or gone.",
+    tx_stalled: "Guest frames dropped after waiting for the kernel to take them.",
+    tx_failed: "Guest frames dropped because the kernel failed their transmission otherwise.",
+    reattached: "Times a queue rebuilt its socket on a re-created interface.",
+    rx_copied: "Frames larger than an RX ring slot (GSO, jumbo), delivered through the \
+        socket's queue.",
 }
 
 /// Link state, kept by the watcher and read by the queues (to fail transmits fast).
@@ -513,109 +541,6 @@ impl LinkState {
     }
 }
 
-/// A point-in-time copy of an AF_PACKET port's interface, link state and
-/// [`AfPacketCounters`], as plain numbers.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AfPacketSnapshot {
-    /// Interface name.
-    pub interface: String,
-    /// Link state.
-    pub link: LinkState,
-    /// See [`AfPacketCounters::rx_truncated`].
-    pub rx_truncated: u64,
-    /// See [`AfPacketCounters::rx_gso_refused`].
-    pub rx_gso_refused: u64,
-    /// See [`AfPacketCounters::rx_too_big`].
-    pub rx_too_big: u64,
-    /// See [`AfPacketCounters::rx_malformed`].
-    pub rx_malformed: u64,
-    /// See [`AfPacketCounters::rx_csum_completed`].
-    pub rx_csum_completed: u64,
-    /// See [`AfPacketCounters::rx_ring_full`].
-    pub rx_ring_full: u64,
-    /// See [`AfPacketCounters::tx_refused`].
-    pub tx_refused: u64,
-    /// See [`AfPacketCounters::tx_link_down`].
-    pub tx_link_down: u64,
-    /// See [`AfPacketCounters::tx_stalled`].
-    pub tx_stalled: u64,
-    /// See [`AfPacketCounters::tx_failed`].
-    pub tx_failed: u64,
-    /// See [`AfPacketCounters::reattached`].
-    pub reattached: u64,
-    /// See [`AfPacketCounters::rx_copied`].
-    #[serde(default)]
-    pub rx_copied: u64,
-}
-
-impl AfPacketSnapshot {
-    /// Every counter as `(name, description, value)`, in a fixed order.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 12] {
-        [
-            (
-                "rx_truncated",
-                "Frames too large for the device, or for a slot while the queue for such frames was full (dropped).",
-                self.rx_truncated,
-            ),
-            (
-                "rx_gso_refused",
-                "GSO frames of a kind the guest did not negotiate (dropped).",
-                self.rx_gso_refused,
-            ),
-            (
-                "rx_too_big",
-                "Frames larger than the guest's buffers (dropped).",
-                self.rx_too_big,
-            ),
-            (
-                "rx_malformed",
-                "Frames with inconsistent ring or checksum metadata (dropped).",
-                self.rx_malformed,
-            ),
-            (
-                "rx_csum_completed",
-                "Partial checksums completed in software for a guest without GUEST_CSUM.",
-                self.rx_csum_completed,
-            ),
-            (
-                "rx_ring_full",
-                "Frames the kernel dropped because the AF_PACKET RX ring was full.",
-                self.rx_ring_full,
-            ),
-            (
-                "tx_refused",
-                "Guest frames refused before transmission (bad GSO header, oversize).",
-                self.tx_refused,
-            ),
-            (
-                "tx_link_down",
-                "Guest frames dropped because the interface was down or gone.",
-                self.tx_link_down,
-            ),
-            (
-                "tx_stalled",
-                "Guest frames dropped after waiting for the kernel to take them.",
-                self.tx_stalled,
-            ),
-            (
-                "tx_failed",
-                "Guest frames dropped because the kernel failed their transmission otherwise.",
-                self.tx_failed,
-            ),
-            (
-                "reattached",
-                "Times a queue rebuilt its socket on a re-created interface.",
-                self.reattached,
-            ),
-            (
-                "rx_copied",
-                "Frames larger than an RX ring slot (GSO, jumbo), delivered through the socket's queue.",
-                self.rx_copied,
-            ),
-        ]
-    }
-}
-
 /// A cloneable handle on an AF_PACKET port's link state and counters, for reading them
 /// while the port itself belongs to the device (it keeps the port's shared state alive).
 #[derive(Clone)]
@@ -634,27 +559,14 @@ impl std::fmt::Debug for AfPacketStatus {
 impl AfPacketStatus {
     /// The current link state and counters.
     pub fn snapshot(&self) -> AfPacketSnapshot {
-        let c = &self.shared.counters;
-        AfPacketSnapshot {
-            interface: self.shared.name().to_string(),
-            link: match self.shared.link() {
-                Link::Up => LinkState::Up,
-                Link::Down => LinkState::Down,
-                Link::Gone => LinkState::Gone,
-            },
-            rx_truncated: c.rx_truncated.load(Relaxed),
-            rx_gso_refused: c.rx_gso_refused.load(Relaxed),
-            rx_too_big: c.rx_too_big.load(Relaxed),
-            rx_malformed: c.rx_malformed.load(Relaxed),
-            rx_csum_completed: c.rx_csum_completed.load(Relaxed),
-            rx_ring_full: c.rx_ring_full.load(Relaxed),
-            tx_refused: c.tx_refused.load(Relaxed),
-            tx_link_down: c.tx_link_down.load(Relaxed),
-            tx_stalled: c.tx_stalled.load(Relaxed),
-            tx_failed: c.tx_failed.load(Relaxed),
-            reattached: c.reattached.load(Relaxed),
-            rx_copied: c.rx_copied.load(Relaxed),
-        }
+        let link = match self.shared.link() {
+            Link::Up => LinkState::Up,
+            Link::Down => LinkState::Down,
+            Link::Gone => LinkState::Gone,
+        };
+        self.shared
+            .counters
+            .snapshot(self.shared.name().to_string(), link)
     }
 }
 
