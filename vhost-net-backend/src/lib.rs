@@ -24,6 +24,7 @@ pub mod sigbus;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+mod tx;
 pub mod used;
 pub mod worker;
 

@@ -8,29 +8,34 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::dirty::{GuestMemoryMmap, VringMutex};
 
-use crate::chain::{collect_chain, Access};
 use crate::features::{mrg_rxbuf, vnet_hdr_len, GuestOffloads, MAX_GSO_FRAME};
 use crate::port::HostQueue;
 use crate::rx::{RxBuffers, Slot};
 use crate::security::SourceCheck;
 use crate::stats::{DropReason, QueueStats};
+use crate::tx::{send_chain, NotSent, TxBurst};
 use crate::used::{UsedBatch, UsedError};
 
 /// Frames moved per direction before the other direction gets its turn.
 const BUDGET: usize = 256;
 /// TX chains gathered behind one read of the avail index.
 const TX_BATCH: usize = 32;
-/// Smallest frame accepted from the guest: an Ethernet header.
-const MIN_FRAME: usize = 14;
 
 /// Per-direction index inside a worker's pair of vrings.
 const RX: usize = 0;
 const TX: usize = 1;
+
+/// Frames and bytes (without the virtio-net header) one TX pass handed to the host.
+#[derive(Default)]
+struct TxSent {
+    frames: u64,
+    bytes: u64,
+}
 
 /// What a pass over one direction found.
 #[derive(Clone, Copy, Default)]
@@ -58,9 +63,8 @@ pub struct QueuePairWorker {
     rx_bufs: RxBuffers,
     /// The host queue's [`HostQueue::max_iovecs`].
     rx_max_iov: usize,
-    tx_iov: Vec<libc::iovec>,
-    /// One TX batch: head, range in `tx_iov`, chain length or why it is refused.
-    tx_batch: Vec<(u16, usize, usize, Result<usize, DropReason>)>,
+    /// The TX burst being sent.
+    tx: TxBurst,
     /// The host queue may hold frames (cleared when `recv` says `WouldBlock`).
     host_readable: bool,
     hdr_len: usize,
@@ -75,8 +79,8 @@ pub struct QueuePairWorker {
     log: crate::log::Limiter,
 }
 
-// SAFETY: `tx_iov` only holds pointers between the start and the end of one TX pass and is
-// cleared before reuse; everything else is Send.
+// SAFETY: `tx` only holds pointers into guest memory during one TX burst and is cleared after
+// it; everything else is Send.
 unsafe impl Send for QueuePairWorker {}
 
 impl QueuePairWorker {
@@ -94,8 +98,7 @@ impl QueuePairWorker {
             mem: None,
             vrings: None,
             rx_bufs: RxBuffers::default(),
-            tx_iov: Vec::with_capacity(64),
-            tx_batch: Vec::with_capacity(TX_BATCH),
+            tx: TxBurst::default(),
             host_readable: true,
             hdr_len: 12,
             mergeable: false,
@@ -232,96 +235,20 @@ impl QueuePairWorker {
         // can make avail entries unreadable (ring in a memory hole) while `idx` moves on, and
         // must not be able to keep this loop spinning.
         let mut empty_passes = 0;
-        let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut sent = TxSent::default();
         let mut used = UsedBatch::new(q);
         'ring: loop {
             let _ = q.disable_notification(mem.as_ref());
             let moved_before = pass.moved;
             loop {
-                // A batch of chains behind one read of the avail index, then their frames.
-                self.tx_iov.clear();
-                self.tx_batch.clear();
                 let room = TX_BATCH.min(BUDGET - pass.moved);
-                if let Ok(iter) = q.iter(mem.as_ref()) {
-                    for chain in iter.take(room) {
-                        let head = chain.head_index();
-                        let start = self.tx_iov.len();
-                        let r = collect_chain(chain, mem, Access::Read, max_len, &mut self.tx_iov);
-                        self.tx_batch.push((head, start, self.tx_iov.len(), r));
-                    }
-                }
-                if self.tx_batch.is_empty() {
+                self.tx.gather(q, mem, max_len, room);
+                if self.tx.chains.is_empty() {
                     break;
                 }
-                let mut ring_broken = false;
-                for i in 0..self.tx_batch.len() {
-                    let (head, start, end, r) = self.tx_batch[i];
-                    match r {
-                        Ok(len) if len < self.hdr_len + MIN_FRAME => self.tx_drop(DropReason::Runt),
-                        Ok(len) => {
-                            let iov = &self.tx_iov[start..end];
-                            let iov = match self.source_check.as_mut() {
-                                None => Some(iov),
-                                // SAFETY: the iovecs were just built from guest memory that
-                                // `mem` keeps mapped.
-                                Some(c) => unsafe { c.check(iov, self.hdr_len) },
-                            };
-                            match iov {
-                                // SAFETY: the iovecs were just built from guest memory that
-                                // `mem` keeps mapped for the duration of the call (the first
-                                // one may point into `source_check`, untouched until the next
-                                // frame).
-                                Some(iov) => match unsafe { self.port.send(iov) } {
-                                    Ok(_) => {
-                                        frames += 1;
-                                        bytes += (len - self.hdr_len) as u64;
-                                    }
-                                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                                        self.tx_drop(DropReason::HostRejected)
-                                    }
-                                    Err(e) => {
-                                        self.log.warn("tx", &e);
-                                        self.tx_drop(DropReason::HostError)
-                                    }
-                                },
-                                None => self.tx_drop(DropReason::SpoofedSource),
-                            }
-                        }
-                        Err(reason) => self.tx_drop(reason),
-                    }
-                    match used.push(q, mem.as_ref(), head, 0) {
-                        Ok(()) => {}
-                        // A head index beyond the ring (counted as a bad chain above) has no
-                        // used entry to take; the chains behind it are still served.
-                        Err(UsedError::BadHead(_)) => {}
-                        Err(UsedError::BadAddress) => {
-                            self.tx_drop(DropReason::BadAddress);
-                            ring_broken = true;
-                            break;
-                        }
-                    }
-                    pass.moved += 1;
-                }
-                // The guest gets the burst's buffers back with one index update, before the
-                // kick below spends its time in the kernel.
-                if used.publish(q, mem.as_ref()).is_err() {
-                    self.tx_drop(DropReason::BadAddress);
-                    ring_broken = true;
-                }
-                // The burst's frames are in the host's hands (or queued there): one flush per
-                // burst; frames it still loses are moved from the sent to the dropped counters.
-                let late = self.port.flush();
-                if !late.is_empty() {
-                    frames = frames.saturating_sub(late.rejected + late.failed);
-                    bytes = bytes.saturating_sub(late.rejected_bytes + late.failed_bytes);
-                    for _ in 0..late.rejected {
-                        self.tx_drop(DropReason::HostRejected);
-                    }
-                    for _ in 0..late.failed {
-                        self.tx_drop(DropReason::HostError);
-                    }
-                }
-                self.tx_iov.clear();
+                let ring_broken = self.send_burst(q, mem, &mut used, &mut sent);
+                pass.moved += self.tx.chains.len();
+                self.tx.clear();
                 if ring_broken {
                     break 'ring;
                 }
@@ -343,11 +270,11 @@ impl QueuePairWorker {
         self.stats
             .tx
             .frames
-            .fetch_add(frames, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(sent.frames, std::sync::atomic::Ordering::Relaxed);
         self.stats
             .tx
             .bytes
-            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(sent.bytes, std::sync::atomic::Ordering::Relaxed);
         if pass.moved > 0 && used.needs_notification(q, mem.as_ref()) {
             let _ = state.signal_used_queue();
             self.stats
@@ -356,6 +283,81 @@ impl QueuePairWorker {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         pass
+    }
+
+    /// Sends the frames of the gathered burst, gives the guest its chains back with one index
+    /// update, then flushes the host queue once. True when the used ring turned out to be
+    /// unwritable (the rest of the ring is left alone).
+    fn send_burst(
+        &mut self,
+        q: &mut Queue,
+        mem: &Arc<GuestMemoryMmap>,
+        used: &mut UsedBatch,
+        sent: &mut TxSent,
+    ) -> bool {
+        let mut ring_broken = false;
+        for c in &self.tx.chains {
+            let iov = &self.tx.iov[c.iov.clone()];
+            // SAFETY: the iovecs were just built from guest memory that `mem` keeps mapped for
+            // the whole burst.
+            match unsafe {
+                send_chain(
+                    self.port.as_mut(),
+                    self.source_check.as_mut(),
+                    self.hdr_len,
+                    c,
+                    iov,
+                )
+            } {
+                Ok(len) => {
+                    sent.frames += 1;
+                    sent.bytes += len as u64;
+                }
+                Err(NotSent::Dropped(reason)) => {
+                    self.stats.tx.drop(reason);
+                    self.log.drop("tx", reason);
+                }
+                Err(NotSent::HostError(e)) => {
+                    self.log.warn("tx", &e);
+                    self.stats.tx.drop(DropReason::HostError);
+                    self.log.drop("tx", DropReason::HostError);
+                }
+            }
+            match used.push(q, mem.as_ref(), c.head, 0) {
+                Ok(()) => {}
+                // A head index beyond the ring (counted as a bad chain above) has no used
+                // entry to take; the chains behind it are still served.
+                Err(UsedError::BadHead(_)) => {}
+                Err(UsedError::BadAddress) => {
+                    self.stats.tx.drop(DropReason::BadAddress);
+                    self.log.drop("tx", DropReason::BadAddress);
+                    ring_broken = true;
+                    break;
+                }
+            }
+        }
+        // The guest gets the burst's buffers back with one index update, before the flush
+        // below spends its time in the kernel.
+        if used.publish(q, mem.as_ref()).is_err() {
+            self.tx_drop(DropReason::BadAddress);
+            ring_broken = true;
+        }
+        // One flush per burst; frames it still loses move from the sent to the dropped
+        // counters.
+        let late = self.port.flush();
+        if !late.is_empty() {
+            sent.frames = sent.frames.saturating_sub(late.rejected + late.failed);
+            sent.bytes = sent
+                .bytes
+                .saturating_sub(late.rejected_bytes + late.failed_bytes);
+            for _ in 0..late.rejected {
+                self.tx_drop(DropReason::HostRejected);
+            }
+            for _ in 0..late.failed {
+                self.tx_drop(DropReason::HostError);
+            }
+        }
+        ring_broken
     }
 
     /// Sends `frame`, an Ethernet frame the device makes itself (an announcement), out of the
