@@ -12,8 +12,6 @@
 //! Need root (and QEMU for the guest tests): skipped with a reason otherwise, failed under
 //! `CI=true`. The guest tests take a lock so only one TCG guest runs at a time.
 
-mod common;
-
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -24,8 +22,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, QemuGuest};
-use common::netns::{self, in_new_netns, ip, target_workdir as workdir, PacketSocket as Peer};
+use testkit::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, QemuGuest};
+use testkit::netns::{self, in_new_netns, ip, target_workdir as workdir, PacketSocket as Peer};
 use vhost_net_backend::{GuestOffloads, HostPort, HostQueue, MacAddr};
 use vhost_pump::af_packet::AfPacketPort;
 

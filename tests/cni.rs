@@ -19,8 +19,6 @@
 //!
 //! Needs root (skipped otherwise, failed under `CI=true`).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
@@ -32,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use common::guest::{self, GuestOpts, QemuGuest};
+use testkit::guest::{self, GuestOpts, QemuGuest};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_vhost-pump-cni");
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-pump");

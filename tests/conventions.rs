@@ -2,11 +2,9 @@
 //! them: `--socket-path`, `--fd FDNUM` (a listening socket made by someone else: a test here,
 //! and systemd's own `systemd-socket-activate`), `--print-capabilities`, and `RUST_LOG`.
 //!
-//! Daemons run with their tap in a private network namespace (`common::netns`). Needs root and
+//! Daemons run with their tap in a private network namespace (`testkit::netns`). Needs root and
 //! /dev/net/tun (and `systemd-socket-activate` for one test): skipped otherwise, failed under
 //! `CI=true`. Run: `cargo test --test conventions -- --nocapture`.
-
-mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,11 +15,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::netns::{
-    self, can_run, if_stats, in_new_netns, kill_with_parent_thread, wait_child, wait_until,
-    TempDir, DAEMON_BIN,
+use testkit::netns::{
+    self, can_run, daemon_bin, if_stats, in_new_netns, kill_with_parent_thread, wait_child,
+    wait_until, TempDir,
 };
-use common::vhost_driver::{tx_frame, Session};
+use testkit::vhost_driver::{tx_frame, Session};
 
 const TAP: &str = "vpconv0";
 const SRC_MAC: [u8; 6] = [0x02, 0x63, 0x6f, 0x00, 0x00, 0x01];
@@ -112,7 +110,7 @@ fn inherited_listener_is_served_and_left_to_its_owner() {
         let control = dir.join("control.sock");
         let log = dir.join("daemon.log");
         let mut d = spawn_with_fd3(
-            DAEMON_BIN,
+            daemon_bin(),
             &[
                 "--fd",
                 "3",
@@ -172,7 +170,7 @@ fn systemd_socket_activation_hands_the_socket_over() {
         // What the unit pair in deploy/systemd does: systemd listens, and starts the service
         // with the socket as descriptor 3 on the first connection.
         let sock_arg = sock.to_str().unwrap();
-        let args = ["-l", sock_arg, DAEMON_BIN, "--fd", "3", "--tap", TAP];
+        let args = ["-l", sock_arg, daemon_bin(), "--fd", "3", "--tap", TAP];
         let mut cmd = logged(&activate, &args, &log);
         let mut child = cmd.spawn().unwrap();
         assert!(
@@ -209,7 +207,7 @@ fn bad_inherited_descriptors_are_refused_with_a_reason() {
     in_new_netns(|| {
         let dir = TempDir::new("conv-badfd");
         let run = |args: &[&str], fd3: Option<&dyn AsRawFd>| {
-            let mut cmd = Command::new(DAEMON_BIN);
+            let mut cmd = Command::new(daemon_bin());
             cmd.args(args).stdin(Stdio::null());
             kill_with_parent_thread(&mut cmd);
             if let Some(f) = fd3 {
@@ -265,7 +263,7 @@ fn print_capabilities_is_json_and_ignores_everything_else() {
         &["--print-capabilities"][..],
         &["--tap", "x", "--print-capabilities", "--no-such-flag"][..],
     ] {
-        let out = Command::new(DAEMON_BIN).args(args).output().unwrap();
+        let out = Command::new(daemon_bin()).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {:?}", out.stdout));
@@ -284,7 +282,7 @@ fn socket_path_flag_and_rust_log_are_honoured() {
         let sock = dir.join("vu.sock");
         let log = dir.join("daemon.log");
         let args = ["--socket-path", sock.to_str().unwrap(), "--tap", TAP];
-        let mut cmd = logged(DAEMON_BIN, &args, &log);
+        let mut cmd = logged(daemon_bin(), &args, &log);
         cmd.env("RUST_LOG", "debug");
         let mut child = cmd.spawn().unwrap();
         assert!(wait_until(Duration::from_secs(10), || sock.exists()));
@@ -296,7 +294,7 @@ fn socket_path_flag_and_rust_log_are_honoured() {
             "RUST_LOG=debug without --log-level: no debug line in {text}"
         );
         // --log-level wins over RUST_LOG.
-        let out = Command::new(DAEMON_BIN)
+        let out = Command::new(daemon_bin())
             .args([
                 "--log-level",
                 "not a [valid filter",

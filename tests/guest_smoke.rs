@@ -4,13 +4,11 @@
 //! Needs root and QEMU; skipped otherwise, except under `CI=true` where it fails.
 //! Run: `cargo test --test guest_smoke -- --nocapture`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::guest::{self, GuestOpts, QemuGuest};
+use testkit::guest::{self, GuestOpts, QemuGuest};
 
 const TAP: &str = "vpsmoke0";
 const HOST_IP: &str = "10.250.0.1";

@@ -2,7 +2,7 @@
 //!
 //! One `vhost-pump --config` daemon serves two tap ports, A and B, in a private network
 //! namespace (`ip netns add`), with a control socket. The test's own frontend
-//! (`common::vhost_driver`) attacks port A, one connection per case: malformed and truncated
+//! (`testkit::vhost_driver`) attacks port A, one connection per case: malformed and truncated
 //! messages, unknown requests, absurd sizes, bad memory tables, out-of-range vring indexes and
 //! sizes, hostile descriptor chains (outside memory, overflowing, loops, nested and bad
 //! indirect tables, longer than the ring, avail index jumps), disconnects mid-message, file
@@ -13,15 +13,13 @@
 //! Every case prints one `case NAME: OUTCOME` line (run with `--nocapture` to see them).
 //! Needs root (netns, taps): skipped otherwise, failed under `CI=true`.
 
-mod common;
-
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vhost_driver::*;
+use testkit::vhost_driver::*;
 
 const NS: &str = "vp-hostile";
 const TAP_A: &str = "vph-a";
@@ -131,7 +129,7 @@ fn wait_for(path: &Path, child: &mut Child, log: &Path) {
 
 impl Env {
     fn start() -> Env {
-        let dir = common::netns::target_workdir("hostile");
+        let dir = testkit::netns::target_workdir("hostile");
         let d = dir.display();
         let config = dir.join("ports.toml");
         std::fs::write(
@@ -471,7 +469,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn hostile_frontend_cannot_hurt_the_daemon_or_other_ports() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = missing_prereqs() {
-        common::guest::skip_or_fail("hostile", &why);
+        testkit::guest::skip_or_fail("hostile", &why);
         return;
     }
     let started = Instant::now();
@@ -1166,7 +1164,7 @@ fn hostile_frontend_cannot_hurt_the_daemon_or_other_ports() {
 fn memory_file_shrunk_after_mem_table() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = missing_prereqs() {
-        common::guest::skip_or_fail("hostile (shrunk memory file)", &why);
+        testkit::guest::skip_or_fail("hostile (shrunk memory file)", &why);
         return;
     }
     let mut env = Env::start();
@@ -1205,7 +1203,7 @@ fn memory_file_shrunk_after_mem_table() {
 fn avail_ring_at_guest_address_zero() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = missing_prereqs() {
-        common::guest::skip_or_fail("hostile (avail ring at GPA 0)", &why);
+        testkit::guest::skip_or_fail("hostile (avail ring at GPA 0)", &why);
         return;
     }
     let mut env = Env::start();

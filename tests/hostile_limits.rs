@@ -12,8 +12,6 @@
 //! The flood and sandbox tests need root (network namespace, tap): skipped otherwise, failed
 //! under `CI=true`. Run with `--nocapture` to see the figures.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -23,8 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::netns::{self, TempDir};
-use common::vhost_driver::{tx_frame, Session};
+use testkit::netns::{self, TempDir};
+use testkit::vhost_driver::{tx_frame, Session};
 use vhost_pump::control::{self, Request};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-pump");
@@ -235,7 +233,7 @@ fn closed_after(s: &mut impl Read, started: Instant, limit: Duration) -> Option<
 fn soft_nofile_limit_is_raised_to_the_hard_limit() {
     let (_, hard) = nofile_limits_self();
     if hard <= 1024 {
-        common::guest::skip_or_fail(
+        testkit::guest::skip_or_fail(
             "soft_nofile_limit_is_raised_to_the_hard_limit",
             &format!("the hard RLIMIT_NOFILE is {hard}: nothing to raise"),
         );
@@ -537,7 +535,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 fn metrics_flood_with_1024_soft_fd_limit_leaves_the_daemon_serving() {
     const TEST: &str = "metrics_flood_with_1024_soft_fd_limit_leaves_the_daemon_serving";
     if let Some(why) = netns::missing_prereqs() {
-        common::guest::skip_or_fail(TEST, &why);
+        testkit::guest::skip_or_fail(TEST, &why);
         return;
     }
     // The test's own clients: 2,000 held plus about 1,500 streamed.
@@ -730,7 +728,7 @@ fn no_seccomp_filter() -> seccompiler::BpfProgram {
 fn port_that_cannot_be_sandboxed_is_not_served() {
     const TEST: &str = "port_that_cannot_be_sandboxed_is_not_served";
     if let Some(why) = netns::missing_prereqs() {
-        common::guest::skip_or_fail(TEST, &why);
+        testkit::guest::skip_or_fail(TEST, &why);
         return;
     }
     netns::in_new_netns(|| {

@@ -2,7 +2,7 @@
 //!
 //! Each test runs a `vhost-pump` daemon in a private network namespace, on a tap or on one end
 //! of a veth pair (AF_PACKET), with a control socket, and drives it with the scripted frontend
-//! of `common::vhost_driver` over a memfd.
+//! of `testkit::vhost_driver` over a memfd.
 //!
 //! - Tiny-buffer flood: with MRG_RXBUF acked, the guest posts 32 RX chains, each an indirect
 //!   table of 64 one-byte buffers, and full-size frames arrive from the host. They cannot be
@@ -14,13 +14,11 @@
 //!
 //! Need root (network namespaces, taps, veths): skipped otherwise, failed under `CI=true`.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::{self, ether_frame, Daemon, PacketSocket, ETHERTYPE_EXPERIMENTAL};
-use common::vhost_driver::*;
+use testkit::netns::{self, ether_frame, Daemon, PacketSocket, ETHERTYPE_EXPERIMENTAL};
+use testkit::vhost_driver::*;
 
 /// The guest's MAC (`--mac`).
 const GUEST_MAC: [u8; 6] = [0x02, 0x72, 0x78, 0, 0, 1];
@@ -77,7 +75,7 @@ impl Host {
 
 fn prereqs(test: &str) -> bool {
     if let Some(why) = netns::missing_prereqs() {
-        common::guest::skip_or_fail(test, &why);
+        testkit::guest::skip_or_fail(test, &why);
         return false;
     }
     true

@@ -10,10 +10,8 @@
 //!   frontend or guest input cannot make or connect a socket.
 //!
 //! Each test runs its own daemon with a tap in a private network namespace
-//! (`common::netns::in_new_netns`). Needs root and /dev/net/tun: skipped otherwise, failed under
+//! (`testkit::netns::in_new_netns`). Needs root and /dev/net/tun: skipped otherwise, failed under
 //! `CI=true`. Run: `cargo test --release --test hostile_session -- --nocapture`.
-
-mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -24,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::netns::{self, can_run, in_new_netns, Daemon, TempDir};
-use common::vhost_driver::*;
+use testkit::netns::{self, can_run, in_new_netns, Daemon, TempDir};
+use testkit::vhost_driver::*;
 
 const TAP: &str = "vphs0";
 const SRC_MAC: [u8; 6] = [0x02, 0x68, 0x73, 0x00, 0x00, 0x01];

@@ -13,8 +13,6 @@
 //! Needs root, QEMU and libvirt (`libvirt-daemon-system`, `libvirt-clients`): skipped
 //! otherwise, failed under `CI=true`.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -23,8 +21,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::guest;
-use common::netns::{ctl_json, KillOnDrop as Proc, NamedNetns as Netns};
+use testkit::guest;
+use testkit::netns::{ctl_json, KillOnDrop as Proc, NamedNetns as Netns};
 
 const NAME: &str = "libvirt_domain_on_the_readme_interface_survives_a_backend_restart";
 const NETNS: &str = "vp-libvirt";

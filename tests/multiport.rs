@@ -3,9 +3,7 @@
 //! removing or breaking one port never stops traffic on another. Traffic comes from DPDK's
 //! virtio-user frontend (`dpdk-testpmd`, no VM). Needs root: skipped outside CI, failed in CI.
 
-mod common;
-
-use common::netns::{ctl_json, KillOnDrop as Proc, NamedNetns};
+use testkit::netns::{ctl_json, KillOnDrop as Proc, NamedNetns};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -96,11 +94,11 @@ fn http_get(sock: &Path, path: &str) -> String {
 
 #[test]
 fn config_file_control_socket_metrics_and_isolation() {
-    if let Some(why) = common::guest::missing_prereqs() {
-        common::guest::skip_or_fail("multiport", &why);
+    if let Some(why) = testkit::guest::missing_prereqs() {
+        testkit::guest::skip_or_fail("multiport", &why);
         return;
     }
-    let dir = common::netns::target_workdir("multiport");
+    let dir = testkit::netns::target_workdir("multiport");
     let d = dir.display();
     let config = dir.join("ports.toml");
     std::fs::write(

@@ -2,11 +2,9 @@
 //! `Frontend` plays the VMM against the real `vhost-pump` binary, and the test writes the virtio
 //! split rings into a memfd-backed "guest memory" itself.
 //!
-//! Every daemon runs with its tap in a private network namespace (`common::netns`), so tests run
+//! Every daemon runs with its tap in a private network namespace (`testkit::netns`), so tests run
 //! in parallel and leave nothing behind. Needs root and /dev/net/tun: skipped otherwise, failed
 //! under `CI=true`. Run: `cargo test --test protocol -- --nocapture`.
-
-mod common;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,9 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::netns::{
-    self, can_run, ether_frame, if_stats, in_new_netns, settled_if_stats, udp_frame, wait_until,
-    Daemon, PacketSocket, TempDir, DAEMON_BIN, ETHERTYPE_EXPERIMENTAL, PACKET_OUTGOING,
+use testkit::netns::{
+    self, can_run, daemon_bin, ether_frame, if_stats, in_new_netns, settled_if_stats, udp_frame,
+    wait_until, Daemon, PacketSocket, TempDir, ETHERTYPE_EXPERIMENTAL, PACKET_OUTGOING,
 };
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -933,7 +931,7 @@ fn bad_flags_exit_2_with_a_one_line_message() {
             vec![],
         ];
         for args in &cases {
-            let mut child = Command::new(DAEMON_BIN)
+            let mut child = Command::new(daemon_bin())
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -973,7 +971,7 @@ fn bad_flags_exit_2_with_a_one_line_message() {
         }
         // Help and version are not errors.
         for flag in ["--help", "--version"] {
-            let out = Command::new(DAEMON_BIN).arg(flag).output().unwrap();
+            let out = Command::new(daemon_bin()).arg(flag).output().unwrap();
             assert!(out.status.success(), "{flag}: {}", out.status);
             assert!(!out.stdout.is_empty(), "{flag} printed nothing");
         }

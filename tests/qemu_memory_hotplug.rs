@@ -3,12 +3,10 @@
 //! ADD_MEM_REG, the guest onlines it, and traffic keeps flowing, including buffers the guest
 //! places in the new memory. Needs root and QEMU: skipped outside CI, failed under `CI=true`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::guest::{self, hmp, GuestOpts, QemuGuest};
-use common::netns::{KillOnDrop, NamedNetns};
+use testkit::guest::{self, hmp, GuestOpts, QemuGuest};
+use testkit::netns::{KillOnDrop, NamedNetns};
 
 const TAP: &str = "vpmem0";
 const HOST_IP: &str = "10.249.0.1";
@@ -19,7 +17,7 @@ fn hot_added_memory_reaches_the_backend() {
         guest::skip_or_fail("hot_added_memory_reaches_the_backend", &why);
         return;
     }
-    let dir = common::netns::target_workdir("memhp");
+    let dir = testkit::netns::target_workdir("memhp");
     let socket = dir.join("vu.sock");
     let log_path = dir.join("vhost-pump.log");
     let ns = NamedNetns::create("vp-memhp");

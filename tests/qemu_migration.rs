@@ -17,16 +17,14 @@
 //! migration takes about 10 s (48 MiB of non-zero guest memory at 16 MiB/s while 24 MiB stream
 //! in); the guest has 256 MiB.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::guest::{self, hmp, GuestOpts, NetKind, QemuGuest};
-use common::netns::{target_workdir as workdir, KillOnDrop as Proc, NamedNetns as Netns};
+use testkit::guest::{self, hmp, GuestOpts, NetKind, QemuGuest};
+use testkit::netns::{target_workdir as workdir, KillOnDrop as Proc, NamedNetns as Netns};
 
 const NETNS: &str = "vp-migrate";
 const BRIDGE: &str = "vpmigbr0";

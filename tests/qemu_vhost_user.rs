@@ -5,14 +5,12 @@
 //! The daemon and its tap live in a private network namespace; the guest talks to the tap's
 //! kernel side there. Needs root and QEMU: skipped otherwise, failed under `CI=true`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, NetKind, QemuGuest};
-use common::netns::{target_workdir as workdir, KillOnDrop as Proc, NamedNetns as Netns};
+use testkit::guest::{self, ethtool_stat as stat, iperf_mbps, GuestOpts, NetKind, QemuGuest};
+use testkit::netns::{target_workdir as workdir, KillOnDrop as Proc, NamedNetns as Netns};
 
 const HOST_IP: &str = "10.252.0.1";
 const GUEST_CIDR: &str = "10.252.0.2/24";

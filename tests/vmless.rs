@@ -14,8 +14,6 @@
 //! skipped otherwise, failed under `CI=true`. Run: `cargo test --test vmless -- --nocapture`.
 //! Rates printed are informational (debug builds are much slower than release).
 
-mod common;
-
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -23,8 +21,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::guest::skip_or_fail;
-use common::netns::{
+use testkit::guest::skip_or_fail;
+use testkit::netns::{
     self, if_stats, in_new_netns, settled_if_stats, udp_frame, wait_child, wait_until, Daemon,
     IfStats, PacketSocket, TempDir,
 };

@@ -10,10 +10,8 @@
 //! Everything runs inside network namespaces named `vpperf-*` that the lab creates and deletes.
 
 mod daemon;
+use testkit::guest;
 mod gen;
-#[path = "../../tests/common/guest.rs"]
-#[allow(missing_docs, clippy::undocumented_unsafe_blocks)]
-mod guest;
 mod ping;
 mod record;
 mod report;

@@ -22,8 +22,8 @@ pub mod rx;
 pub mod security;
 pub mod sigbus;
 pub mod stats;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 mod tx;
 pub mod used;
 pub mod worker;

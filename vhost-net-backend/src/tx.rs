@@ -93,9 +93,10 @@ pub(crate) unsafe fn send_chain(
     }
     let iov = match source_check {
         None => iov,
-        // SAFETY: the caller guarantees the iovecs point into mapped guest memory.
         Some(c) => {
-            unsafe { c.check(iov, hdr_len) }.ok_or(NotSent::Dropped(DropReason::SpoofedSource))?
+            // SAFETY: the caller guarantees the iovecs point into mapped guest memory.
+            let checked = unsafe { c.check(iov, hdr_len) };
+            checked.ok_or(NotSent::Dropped(DropReason::SpoofedSource))?
         }
     };
     // SAFETY: the iovecs point into guest memory mapped for the call (the caller's promise),

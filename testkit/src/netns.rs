@@ -11,8 +11,6 @@
 //! `/sys/class/net` shows the namespace sysfs was mounted in, not the thread's, so interface
 //! counters are read from `/proc/thread-self/net/dev` ([`if_stats`]).
 
-#![allow(dead_code)]
-
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
@@ -24,14 +22,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Path of the daemon binary cargo built for the integration tests.
-pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vhost-pump");
+pub use crate::daemon_bin;
 
 /// `vhost-pump ctl --control CONTROL ARGS…` answered as JSON (`stats`, `list`); fails the
 /// test when the command fails.
 #[track_caller]
 pub fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(DAEMON_BIN)
+    let out = Command::new(daemon_bin())
         .args(["ctl", "--control", control.to_str().unwrap()])
         .args(args)
         .output()
@@ -361,7 +358,7 @@ impl Daemon {
     /// Spawns the daemon with `args`, its stdout and stderr appended to `log`. Does not wait.
     pub fn spawn(args: &[&str], log: &Path) -> io::Result<Daemon> {
         let file = File::options().create(true).append(true).open(log)?;
-        let mut cmd = Command::new(DAEMON_BIN);
+        let mut cmd = Command::new(daemon_bin());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(file.try_clone()?))
@@ -395,8 +392,8 @@ impl Daemon {
         let sock = socket.to_str().expect("utf-8 socket path");
         let mut args = vec!["--socket", sock, host.0, host.1];
         args.extend_from_slice(extra);
-        let mut d =
-            Daemon::spawn(&args, log).unwrap_or_else(|e| panic!("cannot spawn {DAEMON_BIN}: {e}"));
+        let mut d = Daemon::spawn(&args, log)
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", daemon_bin()));
         if let Err(e) = d.wait_listening(Duration::from_secs(10)) {
             panic!(
                 "daemon did not come up: {e}\n--- daemon log ---\n{}",
@@ -760,7 +757,7 @@ impl NamedNetns {
             .append(true)
             .open(log)
             .expect("daemon log");
-        let mut argv = vec![DAEMON_BIN];
+        let mut argv = vec![daemon_bin()];
         argv.extend_from_slice(args);
         let child = KillOnDrop(
             self.cmd(&argv)
@@ -806,7 +803,7 @@ impl Drop for KillOnDrop {
 /// A fresh, empty directory `name` under the integration tests' target tmp dir (kept after
 /// the test for its logs).
 pub fn target_workdir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let d = crate::target_tmpdir().join(name);
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).unwrap();
     d

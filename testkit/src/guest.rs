@@ -15,8 +15,6 @@
 //!
 //! Only std is used, so any test crate can include this module.
 
-#![allow(dead_code)]
-
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -144,11 +142,7 @@ pub fn migration_qemu() -> io::Result<Qemu> {
     }
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = DIR
-        .get_or_init(|| {
-            run_setup_script(
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/setup/fetch-qemu.sh"),
-            )
-        })
+        .get_or_init(|| run_setup_script(&crate::repo_root().join("tests/setup/fetch-qemu.sh")))
         .clone()
         .map_err(io::Error::other)?;
     Ok(Qemu {
@@ -167,7 +161,7 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
 
 /// Path of `tests/setup/build-guest.sh`.
 pub fn build_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/setup/build-guest.sh")
+    crate::repo_root().join("tests/setup/build-guest.sh")
 }
 
 /// Directory holding the guest's `vmlinuz` and `initramfs.cpio.gz`, built (or found in the

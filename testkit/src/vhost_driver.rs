@@ -15,8 +15,6 @@
 //! [`Session::good`] strings them together into a session like a VMM's, with `REPLY_ACK` so
 //! every request is confirmed (or refused) synchronously.
 
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -28,7 +26,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// vhost-user request codes (front-end to back-end).
+/// vhost-user request codes (front-end to back-end), named as in the vhost-user specification.
+#[allow(missing_docs)]
 pub mod req {
     pub const GET_FEATURES: u32 = 1;
     pub const SET_FEATURES: u32 = 2;
@@ -53,25 +52,35 @@ pub mod req {
     pub const REM_MEM_REG: u32 = 38;
 }
 
-/// Header flags.
+/// Header flag: protocol version 1 (always set).
 pub const F_VERSION_1: u32 = 0x1;
+/// Header flag: this message is a reply.
 pub const F_REPLY: u32 = 0x4;
+/// Header flag: the sender wants a REPLY_ACK.
 pub const F_NEED_REPLY: u32 = 0x8;
 
-/// Virtio feature bits used here.
+/// Virtio feature bit: mergeable receive buffers.
 pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
+/// Virtio feature bit: indirect descriptors.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// vhost-user feature bit: protocol features are negotiated.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// Virtio feature bit: virtio 1.0 (modern) device.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// Protocol feature bits used here.
+/// Protocol feature bit: multiqueue.
 pub const PROTO_MQ: u32 = 0;
+/// Protocol feature bit: REPLY_ACK.
 pub const PROTO_REPLY_ACK: u32 = 3;
+/// Protocol feature bit: device config space access.
 pub const PROTO_CONFIG: u32 = 9;
+/// Protocol feature bit: ADD_MEM_REG / REM_MEM_REG.
 pub const PROTO_CONFIGURE_MEM_SLOTS: u32 = 15;
 
-/// Split-ring descriptor flags.
+/// Split-ring descriptor flag: the chain continues at `next`.
 pub const DESC_NEXT: u16 = 1;
+/// Split-ring descriptor flag: the device writes this buffer.
 pub const DESC_WRITE: u16 = 2;
+/// Split-ring descriptor flag: the buffer is a table of descriptors.
 pub const DESC_INDIRECT: u16 = 4;
 
 /// Size of a vhost-user message header.
@@ -414,6 +423,11 @@ impl GuestMem {
         self.len
     }
 
+    /// True for memory of no size (never: [`GuestMem::new`] refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The memfd.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -495,12 +509,15 @@ pub struct Ring {
     pub index: u32,
     /// Entries.
     pub size: u16,
-    /// Guest addresses.
+    /// Guest address of the descriptor table.
     pub desc: u64,
+    /// Guest address of the avail ring.
     pub avail: u64,
+    /// Guest address of the used ring.
     pub used: u64,
-    /// The kick (driver → device) and call (device → driver) eventfds.
+    /// The kick eventfd (driver → device).
     pub kick: EventFd,
+    /// The call eventfd (device → driver).
     pub call: EventFd,
     avail_idx: u16,
     next_desc: u16,
@@ -673,8 +690,11 @@ pub fn tx_frame(src_mac: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
 
 /// A whole frontend session: connection, guest memory and rings.
 pub struct Session {
+    /// The connection.
     pub fe: Frontend,
+    /// Guest memory.
     pub mem: GuestMem,
+    /// The rings set up so far.
     pub rings: Vec<Ring>,
 }
 
