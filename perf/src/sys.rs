@@ -266,51 +266,8 @@ pub fn delete_stale_netns() {
     }
 }
 
-/// Interface counters (the kernel's view; the lab reads some of them).
-#[allow(dead_code)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct IfCounters {
-    /// Frames the kernel received from the device.
-    pub rx_packets: u64,
-    /// Bytes received.
-    pub rx_bytes: u64,
-    /// Frames dropped on receive.
-    pub rx_dropped: u64,
-    /// Frames the kernel sent through the device.
-    pub tx_packets: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
-    /// Frames dropped on transmit (e.g. a full tap queue).
-    pub tx_dropped: u64,
-}
-
-/// Parses one interface's line of `/proc/net/dev`.
-pub fn parse_net_dev(text: &str, ifname: &str) -> Option<IfCounters> {
-    for line in text.lines() {
-        let Some((name, rest)) = line.split_once(':') else {
-            continue;
-        };
-        if name.trim() != ifname {
-            continue;
-        }
-        let v: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        if v.len() < 16 {
-            return None;
-        }
-        return Some(IfCounters {
-            rx_bytes: v[0],
-            rx_packets: v[1],
-            rx_dropped: v[3],
-            tx_bytes: v[8],
-            tx_packets: v[9],
-            tx_dropped: v[11],
-        });
-    }
-    None
-}
+/// Interface counters (the kernel's view; the lab reads some of them), parsed by the test kit.
+pub use testkit::netns::{parse_net_dev, IfStats as IfCounters};
 
 // ---------------------------------------------------------------------------------------------
 // Processes

@@ -192,6 +192,16 @@ impl IfStats {
 /// Counters of `ifname` in the calling thread's network namespace.
 pub fn if_stats(ifname: &str) -> io::Result<IfStats> {
     let text = fs::read_to_string("/proc/thread-self/net/dev")?;
+    parse_net_dev(&text, ifname).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{ifname} is not in /proc/thread-self/net/dev"),
+        )
+    })
+}
+
+/// The counters of `ifname` in the text of `/proc/net/dev`.
+pub fn parse_net_dev(text: &str, ifname: &str) -> Option<IfStats> {
     for line in text.lines().skip(2) {
         let Some((name, rest)) = line.split_once(':') else {
             continue;
@@ -204,9 +214,9 @@ pub fn if_stats(ifname: &str) -> io::Result<IfStats> {
             .map(|f| f.parse().unwrap_or(0))
             .collect();
         if v.len() < 16 {
-            break;
+            return None;
         }
-        return Ok(IfStats {
+        return Some(IfStats {
             rx_bytes: v[0],
             rx_packets: v[1],
             rx_dropped: v[3],
@@ -215,10 +225,7 @@ pub fn if_stats(ifname: &str) -> io::Result<IfStats> {
             tx_dropped: v[11],
         });
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{ifname} is not in /proc/thread-self/net/dev"),
-    ))
+    None
 }
 
 /// Reads the counters of `ifname` until they stop changing for `quiet` (at most `timeout`).
