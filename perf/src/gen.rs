@@ -5,14 +5,14 @@
 //! brings its own. Frames are UDP/IPv4 with a few source ports, so multiqueue receivers spread
 //! them over queues.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// MAC address the generator sends to (the guest side accepts any destination).
 pub const DST_MAC: [u8; 6] = [0x02, 0x76, 0x70, 0x00, 0x00, 0x02];
@@ -141,20 +141,16 @@ fn open(cfg: &GenConfig) -> Result<OwnedFd> {
     if let Some(cpu) = cfg.cpu {
         crate::sys::pin_current_thread(cpu);
     }
-    let name = std::ffi::CString::new(cfg.ifname.clone())?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {} in {}", cfg.ifname, cfg.netns.display());
-    }
     // Protocol 0: a send-only socket that never receives.
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = testkit::netns::PacketSocket::sender(&cfg.ifname)
+        .with_context(|| {
+            format!(
+                "AF_PACKET socket on {} in {}",
+                cfg.ifname,
+                cfg.netns.display()
+            )
+        })?
+        .into_fd();
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a pointer to a live c_int and its size.
     unsafe {
@@ -175,26 +171,6 @@ fn open(cfg: &GenConfig) -> Result<OwnedFd> {
             libc::SO_SNDBUF,
             (&sndbuf as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = ifindex as i32;
-    sll.sll_protocol = 0;
-    // SAFETY: bind with a pointer to a live sockaddr_ll and its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "bind to {}: {}",
-            cfg.ifname,
-            std::io::Error::last_os_error()
         );
     }
     Ok(fd)

@@ -578,6 +578,11 @@ impl PacketSocket {
         self.ifindex
     }
 
+    /// The socket itself, for a caller that sets its own options and sends its own way.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Sends one Ethernet frame (header included) out of the interface.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         loop {
