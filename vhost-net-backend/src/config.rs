@@ -114,7 +114,7 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// The `virtio_net_config` layout: mac[6], status, max_virtqueue_pairs, mtu (little endian).
+    /// The `virtio_net_config` layout: `mac[6]`, status, max_virtqueue_pairs, mtu (little endian).
     pub fn config_space(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.mac.0);

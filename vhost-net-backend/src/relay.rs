@@ -715,9 +715,9 @@ impl Ends {
 /// Asks the request handler for its features before any frontend message reaches it, and
 /// returns them. The handler answers from the thread that will serve the session; the first
 /// call into the device from that thread is where the thread restricts itself (the hook
-/// installed with [`crate::NetBackend::set_request_thread_hook`]), so after this the handler thread is confined no
-/// matter what the frontend sends first. A handler that offers no features at all could not
-/// restrict itself.
+/// installed with [`crate::NetBackend::set_request_thread_hook`]), so after this the handler
+/// thread is confined no matter what the frontend sends first. A handler that offers no
+/// features at all could not restrict itself.
 pub fn probe_handler(handler: &UnixStream, timeout: Duration) -> Result<u64, RelayError> {
     handler.set_read_timeout(Some(timeout))?;
     handler.set_write_timeout(Some(timeout))?;
