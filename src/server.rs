@@ -722,10 +722,10 @@ fn serve_session(
             return Err(ServerError::HandlerNotRestricted);
         }
         let announce = |mac: [u8; 6]| match backend.announce(mac) {
-            Ok(sent) => session_info!(
+            Ok(how) => session_info!(
                 verbose,
                 mac = %vhost_net_backend::MacAddr(mac),
-                sent,
+                outcome = how.as_str(),
                 "guest announced after migration (SEND_RARP)"
             ),
             Err(e) => tracing::warn!(

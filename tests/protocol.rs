@@ -364,6 +364,18 @@ fn guest_features(offered: u64) -> u64 {
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
 }
 
+/// A session of one queue pair up to SET_OWNER: protocol features negotiated, guest features
+/// not set yet. Returns the frontend, its raw handle and the features the device offers.
+fn owned_session(socket: &Path) -> (Frontend, Conn, u64) {
+    let (mut fe, conn) = connect(socket, 2);
+    let offered = fe.get_features().expect("GET_FEATURES");
+    let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(proto & wanted_protocol_features())
+        .expect("SET_PROTOCOL_FEATURES");
+    fe.set_owner().expect("SET_OWNER");
+    (fe, conn, offered)
+}
+
 /// A session set up the way QEMU's virtio-net does: protocol features first, SET_VRING_ENABLE
 /// for every ring *before* SET_FEATURES, memory through ADD_MEM_REG (CONFIGURE_MEM_SLOTS), and
 /// no SET_VRING_ENABLE after the rings are configured.
@@ -759,12 +771,7 @@ fn ring_started_with_work_waiting_interrupts_the_guest() {
         let sock = dir.join("vu.sock");
         let mut d = Daemon::start(&sock, TAP, &["--mac", MAC_STR], &dir.join("daemon.log"));
         let mem = GuestMem::new();
-        let (mut fe, conn) = connect(&sock, 2);
-        let offered = fe.get_features().expect("GET_FEATURES");
-        let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        fe.set_protocol_features(proto & wanted_protocol_features())
-            .expect("SET_PROTOCOL_FEATURES");
-        fe.set_owner().expect("SET_OWNER");
+        let (fe, conn, offered) = owned_session(&sock);
         for i in 0..2 {
             raw_set_vring_enable(&conn, i, true, false);
         }
@@ -1241,6 +1248,41 @@ fn send_rarp_announces_the_guest_on_the_host_port() {
         // The session goes on: frames still cross both ways.
         exercise_rings(&mut rings, "after-rarp");
         drop(fe);
+    });
+}
+
+/// QEMU sends SEND_RARP on a migration's destination before it starts the device: the
+/// announcement waits for SET_FEATURES (the host port's header length is only known then) and
+/// then goes out correctly framed.
+#[test]
+fn send_rarp_before_the_device_starts_goes_out_once_features_are_set() {
+    if !can_run("send_rarp_before_the_device_starts_goes_out_once_features_are_set") {
+        return;
+    }
+    in_new_netns(|| {
+        let dir = TempDir::new("proto-rarp-early");
+        let sock = dir.join("rarp.sock");
+        let _d = Daemon::start(&sock, TAP, &["--mac", MAC_STR], &dir.join("rarp.log"));
+        let (fe, conn, offered) = owned_session(&sock);
+        let sniffer = PacketSocket::sniffer(TAP).expect("AF_PACKET sniffer on the tap");
+        raw_send_rarp(&conn, MAC);
+        assert!(
+            rarp_frames_from(&sniffer, MAC, Duration::from_millis(300)).is_empty(),
+            "announced before the guest's features were set"
+        );
+        fe.set_features(guest_features(offered))
+            .expect("SET_FEATURES");
+        let seen = rarp_frames_from(&sniffer, MAC, Duration::from_secs(2));
+        assert_eq!(seen.len(), 1, "one RARP frame once the features are set");
+        let f = &seen[0];
+        assert_eq!(&f[0..6], &BROADCAST, "broadcast");
+        assert_eq!(&f[6..12], &MAC[..], "from the guest's MAC");
+        assert_eq!(
+            &f[12..22],
+            &[0x80, 0x35, 0, 1, 8, 0, 6, 4, 0, 3],
+            "RARP ethertype and request-reverse header"
+        );
+        drop(conn);
     });
 }
 

@@ -90,6 +90,32 @@ pub struct NetBackend {
     request_thread_hook: std::sync::OnceLock<fn() -> bool>,
     /// The session's guest memory, whose regions' dirty logs follow `VHOST_F_LOG_ALL`.
     memory: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// `SET_FEATURES` arrived in this session.
+    features_set: AtomicBool,
+    /// A `SEND_RARP` that came before `SET_FEATURES` (see [`NetBackend::announce`]).
+    pending_announce: Mutex<Option<[u8; 6]>>,
+}
+
+/// What became of a `SEND_RARP` request ([`NetBackend::announce`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announced {
+    /// The RARP frame went out of the host port.
+    Sent,
+    /// Kept until the guest's features are set.
+    Deferred,
+    /// Nothing to send: the guest announces itself (`VIRTIO_NET_F_GUEST_ANNOUNCE`).
+    ByGuest,
+}
+
+impl Announced {
+    /// `sent`, `deferred` or `by_guest`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Announced::Sent => "sent",
+            Announced::Deferred => "deferred",
+            Announced::ByGuest => "by_guest",
+        }
+    }
 }
 
 impl NetBackend {
@@ -128,6 +154,8 @@ impl NetBackend {
             fault_token: AtomicU64::new(0),
             request_thread_hook: std::sync::OnceLock::new(),
             memory: Mutex::new(None),
+            features_set: AtomicBool::new(false),
+            pending_announce: Mutex::new(None),
         })
     }
 
@@ -174,15 +202,56 @@ impl NetBackend {
     /// guest announces itself (`VIRTIO_NET_F_GUEST_ANNOUNCE` negotiated). With port security a
     /// `mac` other than the port's is dropped and counted like a spoofed guest frame. Returns
     /// whether a frame was sent.
-    pub fn announce(&self, mac: [u8; 6]) -> std::io::Result<bool> {
+    ///
+    /// Before the guest's features are set the announcement waits for them (it goes out when
+    /// `SET_FEATURES` arrives): the host port's virtio-net header length is only known then,
+    /// and QEMU sends `SEND_RARP` on a migration's destination before it starts the device.
+    pub fn announce(&self, mac: [u8; 6]) -> std::io::Result<Announced> {
+        let mut pending = self
+            .pending_announce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !self.features_set.load(Ordering::Acquire) {
+            *pending = Some(mac);
+            return Ok(Announced::Deferred);
+        }
+        drop(pending);
         let acked = self.acked.load(Ordering::Relaxed);
         if acked & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE) != 0 {
-            return Ok(false);
+            return Ok(Announced::ByGuest);
         }
         let frame = crate::announce::rarp_frame(mac);
         match self.worker(0) {
-            Some(mut w) => w.inject(&frame).map(|()| true),
-            None => Ok(false),
+            Some(mut w) => w.inject(&frame).map(|()| Announced::Sent),
+            None => Ok(Announced::ByGuest),
+        }
+    }
+
+    /// Sends the announcement [`NetBackend::announce`] kept for the guest's features.
+    fn announce_pending(&self) {
+        let pending = self
+            .pending_announce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mac) = pending {
+            match self.announce(mac) {
+                Ok(how) if self.quiet.load(Ordering::Relaxed) => tracing::debug!(
+                    mac = %crate::MacAddr(mac),
+                    outcome = how.as_str(),
+                    "guest announced after migration (SEND_RARP, once the device was set up)"
+                ),
+                Ok(how) => tracing::info!(
+                    mac = %crate::MacAddr(mac),
+                    outcome = how.as_str(),
+                    "guest announced after migration (SEND_RARP, once the device was set up)"
+                ),
+                Err(e) => tracing::warn!(
+                    mac = %crate::MacAddr(mac),
+                    error = %e,
+                    "guest announcement (SEND_RARP) not sent"
+                ),
+            }
         }
     }
 
@@ -207,6 +276,11 @@ impl NetBackend {
     /// Forgets the previous frontend session before serving a new one.
     pub fn reset(&self) {
         self.acked.store(0, Ordering::Relaxed);
+        self.features_set.store(false, Ordering::Release);
+        *self
+            .pending_announce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
         for pair in 0..self.workers.len() {
             if let Some(mut w) = self.worker(pair) {
@@ -325,6 +399,8 @@ impl VhostUserBackend for NetBackend {
             }
         }
         self.apply_logging();
+        self.features_set.store(true, Ordering::Release);
+        self.announce_pending();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

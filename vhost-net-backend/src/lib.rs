@@ -28,7 +28,7 @@ mod tx;
 pub mod used;
 pub mod worker;
 
-pub use backend::{BackendError, NetBackend};
+pub use backend::{Announced, BackendError, NetBackend};
 pub use config::{MacAddr, NetConfig};
 pub use features::{GuestOffloads, HostCapabilities};
 pub use port::{HostPort, HostQueue, TxDrops, MAX_IOVECS};
