@@ -20,14 +20,20 @@ pub fn repo_root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// Cargo's scratch directory for integration tests, `target/tmp` (found from the running
-/// test's path, `target/<profile>/deps/…`).
+/// Cargo's scratch directory for integration tests, `<target dir>/tmp` (the running test is
+/// `<target dir>/<profile>/deps/…`, whatever the target directory is called).
 pub fn target_tmpdir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "target"))
-        .map(|t| t.join("tmp"))
-        .unwrap_or_else(std::env::temp_dir)
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    // Now `<target dir>/<profile>`.
+    if dir.pop() {
+        dir.join("tmp")
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// The `vhost-pump` daemon binary: `$VHOST_PUMP_BIN`, else the one cargo built next to the

@@ -221,10 +221,10 @@ impl NetBackend {
             return Ok(Announced::ByGuest);
         }
         let frame = crate::announce::rarp_frame(mac);
-        match self.worker(0) {
-            Some(mut w) => w.inject(&frame).map(|()| Announced::Sent),
-            None => Ok(Announced::ByGuest),
-        }
+        let Some(mut w) = self.worker(0) else {
+            return Err(io::Error::other("the device has no queue pair"));
+        };
+        w.inject(&frame).map(|()| Announced::Sent)
     }
 
     /// Sends the announcement [`NetBackend::announce`] kept for the guest's features.

@@ -608,7 +608,7 @@ impl Session {
     /// on the destination of a migration (QEMU 10.0, TCG) — the kernel's vhost-net, too, only
     /// starts a pair once both rings are configured.
     fn release_enables(&mut self) -> Vec<Message> {
-        if !self.features_set {
+        if !self.features_set || self.pending.is_empty() {
             return Vec::new();
         }
         let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)

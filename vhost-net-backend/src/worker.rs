@@ -296,8 +296,11 @@ impl QueuePairWorker {
         sent: &mut TxSent,
     ) -> bool {
         let mut ring_broken = false;
-        for c in &self.tx.chains {
-            let iov = &self.tx.iov[c.iov.clone()];
+        // Out of `self` for the loop (no allocation: the vectors move), so drops can go
+        // through `tx_drop`; put back below.
+        let burst = std::mem::take(&mut self.tx);
+        for c in &burst.chains {
+            let iov = &burst.iov[c.iov.clone()];
             // SAFETY: the iovecs were just built from guest memory that `mem` keeps mapped for
             // the whole burst.
             match unsafe {
@@ -313,14 +316,10 @@ impl QueuePairWorker {
                     sent.frames += 1;
                     sent.bytes += len as u64;
                 }
-                Err(NotSent::Dropped(reason)) => {
-                    self.stats.tx.drop(reason);
-                    self.log.drop("tx", reason);
-                }
+                Err(NotSent::Dropped(reason)) => self.tx_drop(reason),
                 Err(NotSent::HostError(e)) => {
                     self.log.warn("tx", &e);
-                    self.stats.tx.drop(DropReason::HostError);
-                    self.log.drop("tx", DropReason::HostError);
+                    self.tx_drop(DropReason::HostError);
                 }
             }
             match used.push(q, mem.as_ref(), c.head, 0) {
@@ -329,13 +328,13 @@ impl QueuePairWorker {
                 // entry to take; the chains behind it are still served.
                 Err(UsedError::BadHead(_)) => {}
                 Err(UsedError::BadAddress) => {
-                    self.stats.tx.drop(DropReason::BadAddress);
-                    self.log.drop("tx", DropReason::BadAddress);
+                    self.tx_drop(DropReason::BadAddress);
                     ring_broken = true;
                     break;
                 }
             }
         }
+        self.tx = burst;
         // The guest gets the burst's buffers back with one index update, before the flush
         // below spends its time in the kernel.
         if used.publish(q, mem.as_ref()).is_err() {
