@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::endpoint::{self, Limits, Slot};
 
 use crate::af_packet::{AfPacketSnapshot, LinkState};
-use crate::ports::{DirectionSnapshot, PortRegistry, PortStats};
+use crate::ports::{DirectionSnapshot, PortRegistry, PortStats, QueuePairStats};
 
 /// `v` escaped for use as a label value (backslash, double quote and newline).
 fn label(v: &str) -> Cow<'_, str> {
@@ -63,53 +63,21 @@ pub fn render(ports: &[PortStats]) -> String {
             }
         },
     );
-    family(
-        "vhost_pump_frames_total",
-        "Frames delivered (rx: to the guest, tx: from the guest).",
-        "counter",
-        &mut |o| {
+    for (stem, help, value) in DirectionSnapshot::COUNTERS {
+        let name = format!("vhost_pump_{stem}_total");
+        family(&name, help, "counter", &mut |o| {
             each(
                 &mut |o, port, q, dir, d| {
+                    let n = value(d);
                     let _ = writeln!(
                         o,
-                        "vhost_pump_frames_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}",
-                        d.frames
+                        "{name}{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {n}"
                     );
                 },
                 o,
             )
-        },
-    );
-    family(
-        "vhost_pump_bytes_total",
-        "Bytes delivered, without the virtio-net header.",
-        "counter",
-        &mut |o| {
-            each(
-                &mut |o, port, q, dir, d| {
-                    let _ = writeln!(
-                        o,
-                        "vhost_pump_bytes_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}",
-                        d.bytes
-                    );
-                },
-                o,
-            )
-        },
-    );
-    family(
-        "vhost_pump_notifications_total",
-        "Guest notifications sent.",
-        "counter",
-        &mut |o| {
-            each(
-                &mut |o, port, q, dir, d| {
-                    let _ = writeln!(o, "vhost_pump_notifications_total{{port=\"{port}\",queue=\"{q}\",dir=\"{dir}\"}} {}", d.notifications);
-                },
-                o,
-            )
-        },
-    );
+        });
+    }
     family(
         "vhost_pump_drops_total",
         "Frames or descriptor chains dropped, by reason.",
@@ -125,22 +93,25 @@ pub fn render(ports: &[PortStats]) -> String {
             )
         },
     );
-    family(
-        "vhost_pump_rx_ring_full_total",
-        "Times host frames waited for guest RX buffers.",
-        "counter",
-        &mut |o| {
+    // The wake-up counters are one family told apart by `kind`.
+    let (wakeups, others): (Vec<_>, Vec<_>) = QueuePairStats::COUNTERS
+        .into_iter()
+        .partition(|(stem, _, _)| stem.ends_with("_wakeups"));
+    for (stem, help, value) in others {
+        let name = format!("vhost_pump_{stem}_total");
+        family(&name, help, "counter", &mut |o| {
             for p in ports {
                 for (q, s) in p.queues.iter().enumerate() {
                     let _ = writeln!(
                         o,
-                        "vhost_pump_rx_ring_full_total{{port=\"{}\",queue=\"{q}\"}} {}",
-                        p.name, s.rx_ring_full
+                        "{name}{{port=\"{}\",queue=\"{q}\"}} {}",
+                        p.name,
+                        value(s)
                     );
                 }
             }
-        },
-    );
+        });
+    }
     family(
         "vhost_pump_wakeups_total",
         "Worker wake-ups that found work (busy) or none (idle).",
@@ -148,16 +119,15 @@ pub fn render(ports: &[PortStats]) -> String {
         &mut |o| {
             for p in ports {
                 for (q, s) in p.queues.iter().enumerate() {
-                    let _ = writeln!(
-                        o,
-                        "vhost_pump_wakeups_total{{port=\"{}\",queue=\"{q}\",kind=\"busy\"}} {}",
-                        p.name, s.busy_wakeups
-                    );
-                    let _ = writeln!(
-                        o,
-                        "vhost_pump_wakeups_total{{port=\"{}\",queue=\"{q}\",kind=\"idle\"}} {}",
-                        p.name, s.idle_wakeups
-                    );
+                    for (stem, _, value) in &wakeups {
+                        let kind = stem.trim_end_matches("_wakeups");
+                        let _ = writeln!(
+                            o,
+                            "vhost_pump_wakeups_total{{port=\"{}\",queue=\"{q}\",kind=\"{kind}\"}} {}",
+                            p.name,
+                            value(s)
+                        );
+                    }
                 }
             }
         },

@@ -318,7 +318,28 @@ pub struct DirectionSnapshot {
     pub drops: BTreeMap<String, u64>,
 }
 
+/// A counter of a snapshot: metric stem, help text, and how to read it.
+pub type Counter<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 impl DirectionSnapshot {
+    /// The plain counters of one direction (drops, labelled by reason, are apart). The
+    /// metrics endpoint renders each as `vhost_pump_<stem>_total{port,queue,dir}`.
+    pub const COUNTERS: [Counter<DirectionSnapshot>; 3] = [
+        (
+            "frames",
+            "Frames delivered (rx: to the guest, tx: from the guest).",
+            |d| d.frames,
+        ),
+        (
+            "bytes",
+            "Bytes delivered, without the virtio-net header.",
+            |d| d.bytes,
+        ),
+        ("notifications", "Guest notifications sent.", |d| {
+            d.notifications
+        }),
+    ];
+
     fn of(d: &vhost_net_backend::stats::DirectionStats) -> Self {
         DirectionSnapshot {
             frames: d.frames.load(Relaxed),
@@ -330,6 +351,25 @@ impl DirectionSnapshot {
                 .collect(),
         }
     }
+}
+
+impl QueuePairStats {
+    /// The per-queue-pair counters besides each direction's. The metrics endpoint renders
+    /// each as `vhost_pump_<stem>_total{port,queue}`, except that the two wake-up counters
+    /// share `vhost_pump_wakeups_total` with a `kind` label.
+    pub const COUNTERS: [Counter<QueuePairStats>; 3] = [
+        (
+            "rx_ring_full",
+            "Times host frames waited for guest RX buffers.",
+            |q| q.rx_ring_full,
+        ),
+        ("busy_wakeups", "Worker wake-ups that found work.", |q| {
+            q.busy_wakeups
+        }),
+        ("idle_wakeups", "Worker wake-ups that found none.", |q| {
+            q.idle_wakeups
+        }),
+    ];
 }
 
 /// Counters of one queue pair.

@@ -267,11 +267,18 @@ impl Reply {
 
 /// One test's world: a named netns standing in for the host (the plugin runs there), pod
 /// network namespaces made on demand, and temporary socket, DAN and IPAM directories.
+/// Shell run before the plugin to make iproute2 unusable: `$0` is the plugin.
+const HIDE_IPROUTE2: &str = "for p in /usr/sbin/ip /usr/bin/ip /sbin/ip /bin/ip; do \
+     [ -e \"$p\" ] && mount --bind /dev/null \"$(readlink -f \"$p\")\"; done; \
+     if ip -V >/dev/null 2>&1; then exit 97; fi; exec \"$0\"";
+
 struct World {
     ns: String,
     dir: tempfile::TempDir,
     subnet: u8,
     pods: std::sync::Mutex<Vec<String>>,
+    /// Runs the plugin where iproute2's `ip` cannot be executed.
+    without_iproute2: std::sync::atomic::AtomicBool,
 }
 
 impl World {
@@ -292,6 +299,7 @@ impl World {
             dir,
             subnet,
             pods: Default::default(),
+            without_iproute2: Default::default(),
         };
         w.ip(&["link", "set", "lo", "up"]);
         w
@@ -391,8 +399,18 @@ impl World {
     /// Runs the plugin in the netns with exactly `env` (plus PATH) and `stdin`.
     fn run_raw(&self, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, PLUGIN])
-            .env_clear()
+        cmd.args(["netns", "exec", &self.ns]);
+        if self
+            .without_iproute2
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // A private mount namespace where every `ip` binary is /dev/null (exit 97 if one
+            // still runs), so the plugin has to do without iproute2.
+            cmd.args(["unshare", "-m", "sh", "-c", HIDE_IPROUTE2, PLUGIN]);
+        } else {
+            cmd.arg(PLUGIN);
+        }
+        cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -1067,6 +1085,8 @@ fn af_packet_on_a_macvlan() {
         return;
     }
     let w = World::new("afp", 7);
+    w.without_iproute2
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     w.ip(&[
         "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
     ]);
@@ -1364,6 +1384,10 @@ fn kata_go_ipv6_only() {
         return;
     }
     let w = World::new("go6", 11);
+    // Every plugin run below happens without iproute2: links, addresses and routes go over
+    // netlink.
+    w.without_iproute2
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let pod = w.pod_netns("go6-pod");
     let netns = format!("/run/netns/{pod}");
     let conf = w.go_conf(json!({"ipam": {
@@ -1372,6 +1396,11 @@ fn kata_go_ipv6_only() {
         "ranges": [[{"subnet": "fd00:123:11::/64", "gateway": "fd00:123:11::1"}]],
         "routes": [{"dst": "::/0"}],
     }}));
+    let status = w.run_raw(
+        &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", CNI_PATH)],
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(status.ok(), None, "STATUS needs no iproute2");
     let r = w.run_in("ADD", "go6", "eth0", &conf, &netns).ok().unwrap();
     let address = r["ips"][0]["address"].as_str().unwrap().to_string();
     assert!(address.starts_with("fd00:123:11::"), "{r}");

@@ -1,38 +1,28 @@
 //! The host side of an attachment: a persistent tap enslaved to a bridge, or a macvlan on a
 //! master interface (or the master itself) for AF_PACKET. Taps are made persistent here
 //! (TUNSETPERSIST), so they outlive sidecar restarts and the daemon only attaches to them;
-//! links, bridges and addresses are handled with iproute2's `ip`.
+//! links, bridges and addresses are set up over route netlink ([`super::rtnl`]).
 
 use std::fs::OpenOptions;
 use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::process::Command;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use rtnetlink::packet_route::link::MacVlanMode;
+use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec};
 
 use super::config::MacvlanMode;
 use super::error::{code, CniError};
+use super::rtnl::{self, Rtnl, RtnlError};
 use crate::netdev::{self, IfName};
 
 /// Host port failures.
 #[derive(Debug, thiserror::Error)]
 pub enum HostPortError {
-    /// iproute2 is missing.
-    #[error(
-        "the `ip` command (iproute2) was not found in /usr/sbin, /sbin, /usr/bin, /bin or PATH"
-    )]
-    NoIpCommand,
-    /// An `ip` command failed.
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip {
-        /// Arguments.
-        args: String,
-        /// What it printed.
-        stderr: String,
-    },
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] RtnlError),
     /// The tap could not be created.
     #[error("cannot create tap {name}: {source}{hint}")]
     Tap {
@@ -47,6 +37,9 @@ pub enum HostPortError {
     /// A required interface is missing.
     #[error("interface {0} does not exist")]
     Missing(String),
+    /// A MAC address is not `aa:bb:cc:dd:ee:ff`.
+    #[error("invalid MAC address {0:?}")]
+    Mac(String),
     /// Bad interface name.
     #[error(transparent)]
     Name(#[from] netdev::NameError),
@@ -70,36 +63,6 @@ impl From<HostPortError> for CniError {
     }
 }
 
-/// Where `ip` is.
-pub fn ip_command() -> Result<PathBuf, HostPortError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .into_iter()
-        .map(PathBuf::from)
-        .chain(std::env::split_paths(&path))
-        .map(|d| d.join("ip"))
-        .find(|p| super::ipam::is_executable(p))
-        .ok_or(HostPortError::NoIpCommand)
-}
-
-/// Runs `ip ARGS`, returning stdout.
-fn ip(args: &[&str]) -> Result<String, HostPortError> {
-    let out = Command::new(ip_command()?)
-        .args(args)
-        .output()
-        .map_err(|e| HostPortError::Ip {
-            args: args.join(" "),
-            stderr: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(HostPortError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Whether interface `name` exists here.
 pub fn exists(name: &str) -> bool {
     IfName::new(name).is_ok_and(|n| netdev::exists(&n))
@@ -118,35 +81,30 @@ pub struct LinkInfo {
     pub kind: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct IpLink {
-    mtu: Option<u32>,
-    address: Option<String>,
-    master: Option<String>,
-    linkinfo: Option<IpLinkInfo>,
-}
-
-#[derive(Deserialize)]
-struct IpLinkInfo {
-    info_kind: Option<String>,
-}
-
 /// Facts about `name`; `None` if it does not exist.
 pub fn link(name: &str) -> Result<Option<LinkInfo>, HostPortError> {
-    if !exists(name) {
+    IfName::new(name)?;
+    let nl = Rtnl::here()?;
+    let Some(l) = nl.link(name)? else {
         return Ok(None);
-    }
-    let out = ip(&["-j", "-d", "link", "show", "dev", name])?;
-    let links: Vec<IpLink> = serde_json::from_str(&out).map_err(|e| HostPortError::Ip {
-        args: format!("-j -d link show dev {name}"),
-        stderr: format!("unreadable JSON: {e}"),
-    })?;
-    Ok(links.into_iter().next().map(|l| LinkInfo {
-        mtu: l.mtu.unwrap_or(0),
-        mac: l.address,
-        master: l.master,
-        kind: l.linkinfo.and_then(|i| i.info_kind),
+    };
+    let master = match l.master {
+        Some(i) => nl.link_name(i)?,
+        None => None,
+    };
+    Ok(Some(LinkInfo {
+        mtu: l.mtu,
+        mac: l.mac,
+        master,
+        kind: l.kind,
     }))
+}
+
+/// The index of `name`, or [`HostPortError::Missing`].
+fn index_of(nl: &Rtnl, name: &str) -> Result<u32, HostPortError> {
+    nl.link(name)?
+        .map(|l| l.index)
+        .ok_or_else(|| HostPortError::Missing(name.into()))
 }
 
 /// MTU of an existing interface.
@@ -161,55 +119,58 @@ pub fn mtu(name: &str) -> Result<u16, HostPortError> {
 /// Creates bridge `name` if missing (with `mtu` when given) and brings it up.
 pub fn ensure_bridge(name: &str, mtu: Option<u16>) -> Result<(), HostPortError> {
     IfName::new(name)?;
-    if !exists(name) {
-        let mut args = vec!["link", "add", "name", name];
-        let m = mtu.map(|m| m.to_string());
-        if let Some(m) = &m {
-            args.extend(["mtu", m.as_str()]);
+    let nl = Rtnl::here()?;
+    if nl.link(name)?.is_none() {
+        let mut b = LinkBridge::new(name);
+        if let Some(m) = mtu {
+            b = b.mtu(m.into());
         }
-        args.extend(["type", "bridge"]);
         // Concurrent ADDs race to create it: losing the race is fine.
-        if let Err(e) = ip(&args) {
-            if !exists(name) {
-                return Err(e);
-            }
+        match nl.add_link(&format!("{name} type bridge"), b.build()) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            r => r?,
         }
     }
-    pin_mac(name)?;
-    ip(&["link", "set", "dev", name, "up"]).map(drop)
+    let index = index_of(&nl, name)?;
+    pin_mac(&nl, name, index)?;
+    nl.set_link(
+        &format!("dev {name} up"),
+        LinkUnspec::new_with_index(index).up().build(),
+    )?;
+    Ok(())
 }
 
 /// Gives bridge `name` its current MAC as a set address, unless it has one. A bridge whose
 /// address was never set takes the lowest MAC of its ports and changes it as pods come and go;
 /// every guest's ARP entry for the gateway would then go stale each time a pod leaves.
-fn pin_mac(name: &str) -> Result<(), HostPortError> {
+fn pin_mac(nl: &Rtnl, name: &str, index: u32) -> Result<(), HostPortError> {
     // addr_assign_type 3: NET_ADDR_SET (someone set it; leave it alone).
     let kind = std::fs::read_to_string(format!("/sys/class/net/{name}/addr_assign_type"));
     if kind.is_ok_and(|k| k.trim() == "3") {
         return Ok(());
     }
-    let Some(mac) = link(name)?.and_then(|l| l.mac) else {
+    let Some(mac) = nl.link(name)?.and_then(|l| l.mac) else {
         return Ok(());
     };
-    ip(&["link", "set", "dev", name, "address", &mac]).map(drop)
+    let bytes = rtnl::parse_mac(&mac).ok_or(HostPortError::Mac(mac.clone()))?;
+    nl.set_link(
+        &format!("dev {name} address {mac}"),
+        LinkUnspec::new_with_index(index).address(bytes).build(),
+    )?;
+    Ok(())
 }
 
 /// Puts `addr` (gateway address with the subnet's prefix) on `bridge` unless present, and
 /// enables forwarding for its family.
 pub fn add_gateway(bridge: &str, addr: IpNet) -> Result<(), HostPortError> {
-    let present = || -> Result<bool, HostPortError> {
-        let shown = ip(&["-o", "addr", "show", "dev", bridge])?;
-        let want = addr.addr().to_string();
-        Ok(shown
-            .split_whitespace()
-            .any(|w| w.split('/').next() == Some(want.as_str())))
-    };
-    if !present()? {
+    let nl = Rtnl::here()?;
+    let index = index_of(&nl, bridge)?;
+    let present = nl.addresses(index)?.iter().any(|a| a.addr() == addr.addr());
+    if !present {
         // Concurrent ADDs race to add it: losing the race is fine.
-        if let Err(e) = ip(&["addr", "add", &addr.to_string(), "dev", bridge]) {
-            if !present()? {
-                return Err(e);
-            }
+        match nl.add_address(index, addr, false) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            r => r?,
         }
     }
     let path = match addr.addr() {
@@ -234,6 +195,8 @@ pub fn create_tap(
     bridge: &str,
 ) -> Result<(), HostPortError> {
     let ifname = IfName::new(name)?;
+    let nl = Rtnl::here()?;
+    let bridge_index = index_of(&nl, bridge)?;
     if netdev::exists(&ifname) {
         delete(name)?;
     }
@@ -258,14 +221,18 @@ pub fn create_tap(
     netdev::tun_set_iff(&tun, &ifname, multi_queue).map_err(tap_err)?;
     netdev::tun_set_persist(&tun, true).map_err(tap_err)?;
     drop(tun);
-    let m = mtu.to_string();
-    let r = ip(&[
-        "link", "set", "dev", name, "mtu", &m, "master", bridge, "up",
-    ]);
+    let r = index_of(&nl, name).and_then(|index| {
+        let msg = LinkUnspec::new_with_index(index)
+            .mtu(mtu.into())
+            .controller(bridge_index)
+            .up()
+            .build();
+        Ok(nl.set_link(&format!("dev {name} mtu {mtu} master {bridge} up"), msg)?)
+    });
     if r.is_err() {
         let _ = delete(name);
     }
-    r.map(drop)
+    r
 }
 
 /// Creates macvlan `name` on `master` with the guest's MAC (so the master hands it the guest's
@@ -278,43 +245,43 @@ pub fn create_macvlan(
     mtu: u16,
 ) -> Result<(), HostPortError> {
     IfName::new(name)?;
-    if !exists(master) {
-        return Err(HostPortError::Missing(master.into()));
-    }
-    if exists(name) {
+    let bytes = rtnl::parse_mac(mac).ok_or_else(|| HostPortError::Mac(mac.into()))?;
+    let nl = Rtnl::here()?;
+    let master_index = index_of(&nl, master)?;
+    if nl.link(name)?.is_some() {
         delete(name)?;
     }
-    let m = mtu.to_string();
-    ip(&[
-        "link",
-        "add",
-        "link",
-        master,
-        "name",
-        name,
-        "address",
-        mac,
-        "mtu",
-        &m,
-        "type",
-        "macvlan",
-        "mode",
-        mode.as_str(),
-    ])?;
-    let r = ip(&["link", "set", "dev", name, "up"]);
-    if r.is_err() {
-        let _ = delete(name);
-    }
-    r.map(drop)
+    let nl_mode = match mode {
+        MacvlanMode::Bridge => MacVlanMode::Bridge,
+        MacvlanMode::Private => MacVlanMode::Private,
+        MacvlanMode::Vepa => MacVlanMode::Vepa,
+        MacvlanMode::Passthru => MacVlanMode::Passthrough,
+    };
+    // Created up: if bringing it up fails, the kernel does not keep the link.
+    let msg = LinkMacVlan::new(name, master_index, nl_mode)
+        .address(bytes)
+        .mtu(mtu.into())
+        .up()
+        .build();
+    nl.add_link(
+        &format!(
+            "link {master} name {name} address {mac} mtu {mtu} type macvlan mode {}",
+            mode.as_str()
+        ),
+        msg,
+    )?;
+    Ok(())
 }
 
 /// Deletes link `name` if it exists.
 pub fn delete(name: &str) -> Result<(), HostPortError> {
-    if !exists(name) {
+    IfName::new(name)?;
+    let nl = Rtnl::here()?;
+    let Some(l) = nl.link(name)? else {
         return Ok(());
-    }
-    match ip(&["link", "del", "dev", name]) {
-        Err(_) if !exists(name) => Ok(()),
-        r => r.map(drop),
+    };
+    match nl.delete_link(l.index) {
+        Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+        r => Ok(r?),
     }
 }

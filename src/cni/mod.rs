@@ -13,8 +13,8 @@
 //! GC work from per-attachment state kept under `socketDir`.
 //!
 //! Files: [`env`] and [`config`] read the invocation, [`ops`] runs the commands over
-//! [`ipam`], [`hostport`], [`podlink`], [`sidecar`], [`nodedaemon`] and [`dan`], keeping
-//! [`state`]; [`sockstate`] reads socket liveness; [`result`] and [`error`] are the answers.
+//! [`ipam`], [`hostport`], [`podlink`] (both over [`rtnl`]), [`sidecar`], [`nodedaemon`] and
+//! [`dan`], keeping [`state`]; [`sockstate`] reads socket liveness; [`result`] and [`error`] are the answers.
 
 pub mod config;
 pub mod dan;
@@ -27,6 +27,7 @@ pub mod nodedaemon;
 pub mod ops;
 pub mod podlink;
 pub mod result;
+pub mod rtnl;
 pub mod sidecar;
 pub mod sockstate;
 pub mod state;

@@ -984,7 +984,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             }
         }
     }
-    if let Err(e) = hostport::ip_command() {
+    if let Err(e) = super::rtnl::Rtnl::here() {
         problems.push(e.to_string());
     }
     match &conf.host_port {

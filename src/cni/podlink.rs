@@ -12,22 +12,18 @@
 //! devices are created with it: left on, the guest would never resolve its gateway. ARP is
 //! switched on explicitly.
 //!
-//! The commands run as one `ip -batch` inside the pod netns: a short-lived thread enters the
-//! namespace with setns(2) and starts `ip` from there (a child starts in its creator thread's
-//! network namespace), so the plugin's other threads never leave the host netns.
+//! The link is made over route netlink with a socket opened inside the pod netns
+//! ([`Rtnl::in_netns`]), so the plugin's threads never leave the host netns.
 
-use std::fs::File;
-use std::io::{self, Write};
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use rtnetlink::packet_route::link::LinkMessage;
+use rtnetlink::{LinkDummy, LinkIfb, LinkUnspec};
 
 use super::error::{code, CniError};
-use super::hostport::{self, HostPortError};
+use super::rtnl::{self, Rtnl, RtnlError};
 use crate::netdev::IfName;
 
 /// Prefix of the directory Kata runtime-go probes for each address of a pod link.
@@ -44,28 +40,18 @@ pub fn kata_socket_path(ip: IpAddr) -> PathBuf {
 /// Pod-link failures.
 #[derive(Debug, thiserror::Error)]
 pub enum PodLinkError {
-    /// The netns file could not be opened or entered.
-    #[error("cannot enter network namespace {path}: {source}")]
-    Netns {
-        /// `CNI_NETNS`.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// iproute2 is missing.
-    #[error(transparent)]
-    NoIp(#[from] HostPortError),
-    /// `ip` could not run or failed.
-    #[error("`ip {args}` in {netns} failed: {stderr}")]
-    Ip {
-        /// Arguments (or the batch).
-        args: String,
+    /// A netlink request in the pod netns failed.
+    #[error("in network namespace {netns}: {source}")]
+    Netlink {
         /// Namespace.
         netns: PathBuf,
-        /// What it printed.
-        stderr: String,
+        /// Cause.
+        #[source]
+        source: RtnlError,
     },
+    /// The guest MAC is not `aa:bb:cc:dd:ee:ff`.
+    #[error("invalid MAC address {0:?}")]
+    Mac(String),
     /// The interface name is taken in the pod netns.
     #[error("the pod network namespace {netns} already has an interface {ifname}")]
     Exists {
@@ -104,29 +90,15 @@ pub struct PodLinkSpec {
 pub const LINK_KINDS: [&str; 2] = ["dummy", "ifb"];
 
 impl PodLinkSpec {
-    /// The `ip -batch` lines that make the link as a `kind` device.
-    fn batch(&self, kind: &str) -> String {
+    /// The link message that makes the link as a `kind` device (one of [`LINK_KINDS`]), down.
+    fn link_message(&self, kind: &str, mac: Vec<u8>) -> LinkMessage {
         let n = &self.ifname;
-        let mut b = format!(
-            "link add name {n} address {} mtu {} type {kind}\n\
-             link set dev {n} arp on\n",
-            self.mac, self.mtu
-        );
-        for a in &self.addrs {
-            // No duplicate address detection: nothing answers on a dummy, and Kata must not
-            // read a tentative address.
-            let nodad = if a.addr().is_ipv6() { " nodad" } else { "" };
-            b.push_str(&format!("address add {a} dev {n}{nodad}\n"));
+        let mtu = self.mtu.into();
+        if kind == "ifb" {
+            LinkIfb::new(n).address(mac).mtu(mtu).build()
+        } else {
+            LinkDummy::new(n).address(mac).mtu(mtu).build()
         }
-        b.push_str(&format!("link set dev {n} up\n"));
-        for (dst, via) in &self.routes {
-            // The family follows from the destination.
-            match via {
-                Some(gw) => b.push_str(&format!("route add {dst} via {gw} dev {n}\n")),
-                None => b.push_str(&format!("route add {dst} dev {n}\n")),
-            }
-        }
-        b
     }
 }
 
@@ -145,107 +117,33 @@ pub struct PodLinkInfo {
     pub addrs: Vec<IpNet>,
 }
 
-#[derive(Deserialize)]
-struct IpAddrShow {
-    #[serde(default)]
-    flags: Vec<String>,
-    mtu: Option<u32>,
-    address: Option<String>,
-    linkinfo: Option<IpLinkInfo>,
-    #[serde(default)]
-    addr_info: Vec<IpAddrInfo>,
+/// Opens a netlink socket in `netns`, with errors naming the namespace.
+fn open(netns: &Path) -> Result<Rtnl, PodLinkError> {
+    Rtnl::in_netns(netns).map_err(in_ns(netns))
 }
 
-#[derive(Deserialize)]
-struct IpLinkInfo {
-    info_kind: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct IpAddrInfo {
-    local: Option<IpAddr>,
-    prefixlen: Option<u8>,
-}
-
-/// Runs `ip ARGS` (with `stdin` fed to it) inside the network namespace at `netns`.
-fn ip_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, PodLinkError> {
-    let ip = hostport::ip_command()?;
-    let ns = File::open(netns).map_err(|source| PodLinkError::Netns {
-        path: netns.into(),
-        source,
-    })?;
-    let fail = |stderr: String| PodLinkError::Ip {
-        args: match stdin {
-            Some(b) => format!("-batch - <<< {:?}", b.trim_end()),
-            None => args.join(" "),
-        },
+/// Wraps a netlink error with the namespace it happened in.
+fn in_ns(netns: &Path) -> impl Fn(RtnlError) -> PodLinkError + '_ {
+    move |source| PodLinkError::Netlink {
         netns: netns.into(),
-        stderr,
-    };
-    let run = || -> Result<std::process::Output, PodLinkError> {
-        // SAFETY: setns(2) on an open namespace file descriptor only changes this thread's
-        // network namespace; the thread is ours and ends right after the command.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-            return Err(PodLinkError::Netns {
-                path: netns.into(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let mut child = Command::new(&ip)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| fail(e.to_string()))?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        child.wait_with_output().map_err(|e| fail(e.to_string()))
-    };
-    let out = std::thread::scope(|s| {
-        s.spawn(run)
-            .join()
-            .unwrap_or_else(|_| Err(fail("the namespace thread panicked".into())))
-    })?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        source,
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Facts about `ifname` in `netns`; `None` when it does not exist.
 pub fn inspect(netns: &Path, ifname: &str) -> Result<Option<PodLinkInfo>, PodLinkError> {
     IfName::new(ifname)?;
-    let out = match ip_in(netns, &["-j", "-d", "address", "show", "dev", ifname], None) {
-        Ok(o) => o,
-        Err(PodLinkError::Ip { stderr, .. }) if stderr.contains("does not exist") => {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let nl = open(netns)?;
+    let Some(l) = nl.link(ifname).map_err(in_ns(netns))? else {
+        return Ok(None);
     };
-    let links: Vec<IpAddrShow> = serde_json::from_str(&out).map_err(|e| PodLinkError::Ip {
-        args: format!("-j -d address show dev {ifname}"),
-        netns: netns.into(),
-        stderr: format!("unreadable JSON: {e}"),
-    })?;
-    Ok(links.into_iter().next().map(|l| PodLinkInfo {
-        kind: l.linkinfo.and_then(|i| i.info_kind),
-        noarp: l.flags.iter().any(|f| f == "NOARP"),
-        mac: l.address,
-        mtu: l.mtu.unwrap_or(0),
-        addrs: l
-            .addr_info
-            .iter()
-            .filter_map(|a| IpNet::new(a.local?, a.prefixlen?).ok())
-            .collect(),
+    let addrs = nl.addresses(l.index).map_err(in_ns(netns))?;
+    Ok(Some(PodLinkInfo {
+        kind: l.kind,
+        noarp: l.noarp,
+        mac: l.mac,
+        mtu: l.mtu,
+        addrs,
     }))
 }
 
@@ -254,31 +152,66 @@ pub fn inspect(netns: &Path, ifname: &str) -> Result<Option<PodLinkInfo>, PodLin
 /// else's: ours are removed on failure).
 pub fn create(netns: &Path, spec: &PodLinkSpec) -> Result<&'static str, PodLinkError> {
     IfName::new(&spec.ifname)?;
-    if inspect(netns, &spec.ifname)?.is_some() {
+    let mac = rtnl::parse_mac(&spec.mac).ok_or_else(|| PodLinkError::Mac(spec.mac.clone()))?;
+    let nl = open(netns)?;
+    let err = in_ns(netns);
+    if nl.link(&spec.ifname).map_err(&err)?.is_some() {
         return Err(PodLinkError::Exists {
             netns: netns.into(),
             ifname: spec.ifname.clone(),
         });
     }
+    let n = &spec.ifname;
     let mut last = None;
     for kind in LINK_KINDS {
-        match ip_in(netns, &["-batch", "-"], Some(&spec.batch(kind))) {
-            Ok(_) => return Ok(kind),
-            Err(e) => {
-                let _ = delete(netns, &spec.ifname);
-                let missing_driver = matches!(&e,
-                    PodLinkError::Ip { stderr, .. } if stderr.contains("Unknown device type"));
-                if !missing_driver {
-                    return Err(e);
-                }
-                last = Some(e);
+        let what = format!("name {n} address {} mtu {} type {kind}", spec.mac, spec.mtu);
+        match nl.add_link(&what, spec.link_message(kind, mac.clone())) {
+            Ok(()) => {}
+            // Kernels without the driver answer EOPNOTSUPP ("Unknown device type").
+            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
+                last = Some(err(e));
+                continue;
             }
+            Err(e) => return Err(err(e)),
         }
+        let r = configure(&nl, spec).map_err(&err);
+        if r.is_err() {
+            let _ = delete(netns, n);
+        }
+        return r.map(|()| kind);
     }
     Err(last.unwrap_or(PodLinkError::Exists {
         netns: netns.into(),
         ifname: spec.ifname.clone(),
     }))
+}
+
+/// Turns ARP on for the new link, puts the addresses of `spec` on it, brings it up and adds
+/// the routes (which need it up). The order matters: brought up while still `IFF_NOARP` and
+/// switched to ARP after, the link was seen keeping its link-local IPv6 address tentative for
+/// a second, and Kata must not read a tentative address.
+fn configure(nl: &Rtnl, spec: &PodLinkSpec) -> Result<(), RtnlError> {
+    let n = &spec.ifname;
+    let Some(link) = nl.link(n)? else {
+        return Err(RtnlError::Protocol {
+            op: format!("ip link show dev {n}"),
+            detail: "the link vanished right after it was made".into(),
+        });
+    };
+    let set = |what: &str, b: rtnetlink::LinkMessageBuilder<LinkUnspec>| {
+        nl.set_link(&format!("dev {n} {what}"), b.build())
+    };
+    set("arp on", LinkUnspec::new_with_index(link.index).arp(true))?;
+    for a in &spec.addrs {
+        // No duplicate address detection: nothing answers on a dummy, and Kata must not
+        // read a tentative address.
+        nl.add_address(link.index, *a, a.addr().is_ipv6())?;
+    }
+    set("up", LinkUnspec::new_with_index(link.index).up())?;
+    for (dst, via) in &spec.routes {
+        nl.add_route(*dst, *via, link.index)?;
+    }
+    Ok(())
 }
 
 /// Deletes `ifname` from `netns`; a namespace or link already gone is fine.
@@ -287,20 +220,18 @@ pub fn delete(netns: &Path, ifname: &str) -> Result<(), PodLinkError> {
     if !netns.exists() {
         return Ok(());
     }
-    match ip_in(netns, &["link", "del", "dev", ifname], None) {
-        Err(PodLinkError::Ip { stderr, .. })
-            if stderr.contains("Cannot find device") || stderr.contains("does not exist") =>
-        {
-            Ok(())
-        }
-        Err(PodLinkError::Netns { source, .. })
-            if source.raw_os_error() == Some(libc::ENOENT)
-                || source.raw_os_error() == Some(libc::EINVAL) =>
-        {
-            // The pod's namespace is gone (or the path no longer is a namespace): so is the link.
-            Ok(())
-        }
-        r => r.map(drop),
+    let nl = match Rtnl::in_netns(netns) {
+        Ok(nl) => nl,
+        // The pod's namespace is gone (or the path no longer is a namespace): so is the link.
+        Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => return Ok(()),
+        Err(e) => return Err(in_ns(netns)(e)),
+    };
+    let Some(l) = nl.link(ifname).map_err(in_ns(netns))? else {
+        return Ok(());
+    };
+    match nl.delete_link(l.index) {
+        Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+        r => r.map_err(in_ns(netns)),
     }
 }
 
@@ -317,36 +248,6 @@ mod tests {
         assert_eq!(
             kata_socket_path("fd00:0:0::0:5".parse().unwrap()),
             Path::new("/tmp/vhostuser_fd00::5/vhu.sock")
-        );
-    }
-
-    #[test]
-    fn batch_makes_a_dummy_with_addresses_and_routes() {
-        let spec = PodLinkSpec {
-            ifname: "eth0".into(),
-            mac: "02:00:00:00:00:05".into(),
-            mtu: 1450,
-            addrs: vec![
-                "10.1.0.5/24".parse().unwrap(),
-                "fd00::5/64".parse().unwrap(),
-            ],
-            routes: vec![
-                (
-                    "0.0.0.0/0".parse().unwrap(),
-                    Some("10.1.0.1".parse().unwrap()),
-                ),
-                ("fd01::/64".parse().unwrap(), None),
-            ],
-        };
-        assert_eq!(
-            spec.batch("dummy"),
-            "link add name eth0 address 02:00:00:00:00:05 mtu 1450 type dummy\n\
-             link set dev eth0 arp on\n\
-             address add 10.1.0.5/24 dev eth0\n\
-             address add fd00::5/64 dev eth0 nodad\n\
-             link set dev eth0 up\n\
-             route add 0.0.0.0/0 via 10.1.0.1 dev eth0\n\
-             route add fd01::/64 dev eth0\n"
         );
     }
 }
