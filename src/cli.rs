@@ -34,7 +34,7 @@ pub struct Args {
     pub port: PortArgs,
 
     /// TOML file with one `[[port]]` table per port, instead of the port flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "fd", "tap", "af_packet"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "fd", "tap", "af_packet", "switch"])]
     pub config: Option<PathBuf>,
 
     /// Serve a control socket here, for `vhost-pump ctl`.
@@ -90,7 +90,7 @@ pub enum LogFormat {
 
 /// Flags describing one port.
 #[derive(Debug, Clone, ClapArgs)]
-#[command(group(clap::ArgGroup::new("host_port").args(["tap", "af_packet"])))]
+#[command(group(clap::ArgGroup::new("host_port").args(["tap", "af_packet", "switch"])))]
 pub struct PortArgs {
     /// vhost-user socket path (listened on, or connected to with --client).
     #[arg(long = "socket-path", visible_alias = "socket", value_name = "PATH")]
@@ -110,6 +110,30 @@ pub struct PortArgs {
     /// Existing host interface (veth, macvlan, NIC) to attach to with AF_PACKET sockets.
     #[arg(long, value_name = "IFNAME")]
     pub af_packet: Option<String>,
+
+    /// Attach to the daemon's userspace switch NAME (defined with `[[switch]]` in --config or
+    /// `ctl add-switch`) instead of a host device: frames to other ports of the switch never
+    /// cross the kernel.
+    #[arg(long, value_name = "NAME")]
+    pub switch: Option<String>,
+
+    /// With --switch: the port's access VLAN (1-4094; frames untagged in the guest).
+    #[arg(
+        long,
+        value_name = "VID",
+        requires = "switch",
+        conflicts_with = "trunk"
+    )]
+    pub vlan: Option<u16>,
+
+    /// With --switch: make the port a trunk carrying these VLANs tagged (comma-separated).
+    #[arg(
+        long,
+        value_name = "VID,...",
+        requires = "switch",
+        value_delimiter = ','
+    )]
+    pub trunk: Vec<u16>,
 
     /// Number of RX/TX queue pairs (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -186,7 +210,7 @@ pub enum PortArgsError {
     #[error("--socket-path is required")]
     NoSocket,
     /// No host side.
-    #[error("one of --tap or --af-packet is required")]
+    #[error("one of --tap, --af-packet or --switch is required")]
     NoHostPort,
     /// The port the flags describe is not valid.
     #[error(transparent)]
@@ -206,10 +230,11 @@ impl PortArgs {
     /// The port these flags describe, named `name`, serving `socket` (the path of an inherited
     /// listening socket with --fd).
     pub fn to_spec_at(&self, name: &str, socket: PathBuf) -> Result<PortSpec, PortArgsError> {
-        let host = match (&self.tap, &self.af_packet) {
-            (Some(t), _) => HostSpec::Tap(t.clone()),
-            (None, Some(i)) => HostSpec::AfPacket(i.clone()),
-            (None, None) => return Err(PortArgsError::NoHostPort),
+        let host = match (&self.tap, &self.af_packet, &self.switch) {
+            (Some(t), _, _) => HostSpec::Tap(t.clone()),
+            (None, Some(i), _) => HostSpec::AfPacket(i.clone()),
+            (None, None, Some(s)) => HostSpec::Switch(s.clone()),
+            (None, None, None) => return Err(PortArgsError::NoHostPort),
         };
         let spec = PortSpec {
             name: name.into(),
@@ -227,6 +252,8 @@ impl PortArgs {
             socket_owner: self.socket_owner.clone(),
             socket_group: self.socket_group.clone(),
             socket_mode: self.socket_mode.clone(),
+            vlan: self.vlan,
+            trunk: self.trunk.clone(),
         };
         spec.validate()?;
         Ok(spec)
@@ -280,6 +307,72 @@ pub enum CtlOp {
         /// Port name.
         name: Option<String>,
     },
+    /// Start a switch ports can attach to with --switch.
+    AddSwitch(SwitchArgs),
+    /// Stop a switch no port uses.
+    RemoveSwitch {
+        /// Switch name.
+        name: String,
+    },
+    /// List the switches.
+    Switches,
+    /// Show a switch's forwarding table.
+    Fdb {
+        /// Switch name.
+        name: String,
+    },
+}
+
+/// Flags describing one switch.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct SwitchArgs {
+    /// Switch name.
+    #[arg(long)]
+    pub name: String,
+    /// Most addresses learned at once (more are not learned, and counted).
+    #[arg(long, value_name = "N", default_value_t = crate::switch::DEFAULT_FDB_MAX)]
+    pub fdb_max: usize,
+    /// Seconds an address is remembered after it was last seen.
+    #[arg(long, value_name = "SECS", default_value_t = crate::switch::DEFAULT_AGING_SECS)]
+    pub aging_secs: u64,
+    /// Storm control: most flooded frames per second from one port (0: no limit).
+    #[arg(long, value_name = "PPS", default_value_t = crate::switch::DEFAULT_FLOOD_PPS)]
+    pub flood_pps: u32,
+    /// Tap device to attach as an uplink (repeatable; created if missing).
+    #[arg(long, value_name = "NAME")]
+    pub uplink_tap: Vec<String>,
+    /// Existing interface to attach as an uplink through AF_PACKET (repeatable).
+    #[arg(long, value_name = "IFNAME")]
+    pub uplink_af_packet: Vec<String>,
+}
+
+impl SwitchArgs {
+    /// The switch these flags describe (uplinks untagged, on VLAN 0).
+    pub fn to_spec(&self) -> crate::switch::SwitchSpec {
+        use crate::switch::{UplinkKind, UplinkSpec};
+        let uplink = |kind, name: &String| UplinkSpec {
+            kind,
+            name: name.clone(),
+            vlan: None,
+            trunk: Vec::new(),
+        };
+        crate::switch::SwitchSpec {
+            name: self.name.clone(),
+            fdb_max: self.fdb_max,
+            aging_secs: self.aging_secs,
+            flood_pps: self.flood_pps,
+            uplinks: self
+                .uplink_tap
+                .iter()
+                .map(|n| uplink(UplinkKind::Tap, n))
+                .chain(
+                    self.uplink_af_packet
+                        .iter()
+                        .map(|n| uplink(UplinkKind::AfPacket, n)),
+                )
+                .collect(),
+        }
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

@@ -53,6 +53,8 @@ pub enum HostSpec {
     Tap(String),
     /// An existing interface used through AF_PACKET sockets.
     AfPacket(String),
+    /// A port of the daemon's userspace switch of that name (see [`crate::switch`]).
+    Switch(String),
 }
 
 fn default_queues() -> u16 {
@@ -119,6 +121,13 @@ pub struct PortSpec {
     /// Permission bits of the server socket, octal (default 0660).
     #[serde(default)]
     pub socket_mode: Option<String>,
+    /// Switch ports: the access VLAN (untagged frames; none: VLAN 0, the switch's untagged
+    /// network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// Switch ports: a trunk carrying these VLANs tagged, instead of an access VLAN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trunk: Vec<u16>,
 }
 
 /// MAC addresses as "02:00:00:00:00:01" text in config files and requests.
@@ -144,6 +153,9 @@ mod mac_text {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
+    /// Switches, before the ports that attach to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switch: Vec<crate::switch::SwitchSpec>,
     /// Ports to serve.
     #[serde(default)]
     pub port: Vec<PortSpec>,
@@ -181,6 +193,18 @@ impl DaemonConfig {
                 port: String::new(),
                 message: format!("{} ports given, at most {MAX_PORTS}", cfg.port.len()),
             });
+        }
+        for (i, s) in cfg.switch.iter().enumerate() {
+            s.validate().map_err(|e| ConfigError::Invalid {
+                port: String::new(),
+                message: e.to_string(),
+            })?;
+            if cfg.switch[..i].iter().any(|o| o.name == s.name) {
+                return Err(ConfigError::Invalid {
+                    port: String::new(),
+                    message: format!("duplicate switch name {:?}", s.name),
+                });
+            }
         }
         for (i, p) in cfg.port.iter().enumerate() {
             p.validate()?;
@@ -253,10 +277,20 @@ impl PortSpec {
                  address its frames may carry",
             ));
         }
-        let ifname = match &self.host {
-            HostSpec::Tap(n) | HostSpec::AfPacket(n) => n,
-        };
-        crate::netdev::IfName::new(ifname).map_err(|e| self.invalid(e.to_string()))?;
+        match &self.host {
+            HostSpec::Tap(n) | HostSpec::AfPacket(n) => {
+                crate::netdev::IfName::new(n).map_err(|e| self.invalid(e.to_string()))?;
+                if self.vlan.is_some() || !self.trunk.is_empty() {
+                    return Err(self.invalid("vlan and trunk are for switch ports"));
+                }
+            }
+            HostSpec::Switch(sw) => {
+                if sw.is_empty() || sw.len() > 64 {
+                    return Err(self.invalid("switch name must be 1 to 64 characters"));
+                }
+                crate::switch::check_vlans(self.vlan, &self.trunk).map_err(|m| self.invalid(m))?;
+            }
+        }
         self.mode()?;
         Ok(())
     }

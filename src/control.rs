@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Async
 use crate::config::PortSpec;
 use crate::endpoint::{self, Limits, Slot};
 use crate::ports::{PortRegistry, PortStats};
+use crate::switch::{FdbView, SwitchSpec};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -58,6 +59,23 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Start a switch.
+    AddSwitch {
+        /// Its specification.
+        switch: SwitchSpec,
+    },
+    /// Stop a switch no port uses.
+    RemoveSwitch {
+        /// Switch name.
+        name: String,
+    },
+    /// List the switches.
+    ListSwitches,
+    /// A switch's forwarding table.
+    Fdb {
+        /// Switch name.
+        name: String,
+    },
 }
 
 /// A control response.
@@ -74,6 +92,12 @@ pub struct Response {
     /// Counters, for `stats`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Vec<PortStats>>,
+    /// Switches, for `list-switches`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switches: Option<Vec<SwitchSpec>>,
+    /// A forwarding table, for `fdb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fdb: Option<Vec<FdbView>>,
 }
 
 impl Response {
@@ -110,6 +134,25 @@ pub fn handle(registry: &PortRegistry, req: Request) -> Response {
         Request::Stats { name } => match registry.stats(name.as_deref()) {
             Ok(s) => Response {
                 stats: Some(s),
+                ..Response::ok()
+            },
+            Err(e) => Response::error(e),
+        },
+        Request::AddSwitch { switch } => match registry.add_switch(switch) {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::error(e),
+        },
+        Request::RemoveSwitch { name } => match registry.remove_switch(&name) {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::error(e),
+        },
+        Request::ListSwitches => Response {
+            switches: Some(registry.switches().specs()),
+            ..Response::ok()
+        },
+        Request::Fdb { name } => match registry.switches().get(&name) {
+            Ok(sw) => Response {
+                fdb: Some(sw.fdb()),
                 ..Response::ok()
             },
             Err(e) => Response::error(e),

@@ -68,9 +68,13 @@ fn main() -> ExitCode {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().init(),
     }
+    let mut switches = Vec::new();
     let ports = match &args.config {
         Some(path) => match DaemonConfig::load(path) {
-            Ok(c) => c.port,
+            Ok(c) => {
+                switches = c.switch;
+                c.port
+            }
             Err(e) => return usage_error(&e.to_string()),
         },
         None if args.port.fd.is_some() => Vec::new(),
@@ -105,7 +109,7 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    match run(&args, ports, inherited) {
+    match run(&args, switches, ports, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vhost-pump: {}", error_chain(&e));
@@ -179,6 +183,7 @@ fn raise_nofile_limit() {
 
 fn run(
     args: &Args,
+    switches: Vec<vhost_pump::switch::SwitchSpec>,
     ports: Vec<vhost_pump::config::PortSpec>,
     inherited: Option<(
         vhost_pump::config::PortSpec,
@@ -200,6 +205,13 @@ fn run(
         None => PortRegistry::default(),
     });
     let single = ports.len() == 1 && args.config.is_none();
+    for spec in switches {
+        let name = spec.name.clone();
+        // A broken switch is logged; its ports then fail to start and are logged too.
+        if let Err(e) = registry.add_switch_unremembered(spec) {
+            tracing::error!(switch = %name, error = %e, "switch not started");
+        }
+    }
     let mut started = 0;
     if let Some((spec, listener)) = inherited {
         // Like a port from flags: its failure is the daemon's.
@@ -224,6 +236,14 @@ fn run(
                 f.display()
             )
         })?;
+        for (name, r) in registry.restore_switches(remembered.switch) {
+            match r {
+                Ok(()) => tracing::info!(switch = %name, "switch restored from the state file"),
+                Err(e) => {
+                    tracing::error!(switch = %name, error = %e, "remembered switch not restored")
+                }
+            }
+        }
         for (name, r) in registry.restore(remembered.port) {
             match r {
                 Ok(()) => {
@@ -265,14 +285,30 @@ fn run_ctl(ctl: &CtlArgs) -> ExitCode {
         CtlOp::Remove { name } => Request::Remove { name: name.clone() },
         CtlOp::List => Request::List,
         CtlOp::Stats { name } => Request::Stats { name: name.clone() },
+        CtlOp::AddSwitch(sw) => {
+            let switch = sw.to_spec();
+            if let Err(e) = switch.validate() {
+                return usage_error(&e.to_string());
+            }
+            Request::AddSwitch { switch }
+        }
+        CtlOp::RemoveSwitch { name } => Request::RemoveSwitch { name: name.clone() },
+        CtlOp::Switches => Request::ListSwitches,
+        CtlOp::Fdb { name } => Request::Fdb { name: name.clone() },
     };
     match control::request(&ctl.control, &req) {
         Ok(resp) if resp.ok => {
-            if resp.ports.is_some() || resp.stats.is_some() {
+            if resp.ports.is_some()
+                || resp.stats.is_some()
+                || resp.switches.is_some()
+                || resp.fdb.is_some()
+            {
                 let body = resp
                     .ports
                     .map(|p| serde_json::to_string_pretty(&p))
-                    .or_else(|| resp.stats.map(|s| serde_json::to_string_pretty(&s)));
+                    .or_else(|| resp.stats.map(|s| serde_json::to_string_pretty(&s)))
+                    .or_else(|| resp.switches.map(|s| serde_json::to_string_pretty(&s)))
+                    .or_else(|| resp.fdb.map(|s| serde_json::to_string_pretty(&s)));
                 if let Some(Ok(text)) = body {
                     println!("{text}");
                 }

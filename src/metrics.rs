@@ -13,6 +13,7 @@ use crate::endpoint::{self, Limits, Slot};
 
 use crate::af_packet::{AfPacketSnapshot, LinkState};
 use crate::ports::{DirectionSnapshot, PortRegistry, PortStats, QueuePairStats};
+use crate::switch::MemberSnapshot;
 
 /// `v` escaped for use as a label value (backslash, double quote and newline).
 fn label(v: &str) -> Cow<'_, str> {
@@ -31,8 +32,9 @@ fn label(v: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Renders the counters in Prometheus text format 0.0.4.
-pub fn render(ports: &[PortStats]) -> String {
+/// Renders the counters in Prometheus text format 0.0.4: every port's, and every switch
+/// member's (ports and uplinks) in `members`.
+pub fn render(ports: &[PortStats], members: &[MemberSnapshot]) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, kind: &str, lines: &mut dyn FnMut(&mut String)| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -186,6 +188,23 @@ pub fn render(ports: &[PortStats]) -> String {
             });
         }
     }
+    // Switch members only: no families at all without a switch.
+    if let Some(first) = members.first() {
+        for (i, (counter, help, _)) in first.counters().into_iter().enumerate() {
+            let name = format!("vhost_pump_switch_{counter}_total");
+            family(&name, help, "counter", &mut |o| {
+                for m in members {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{switch=\"{}\",member=\"{}\"}} {}",
+                        label(&m.switch),
+                        label(&m.member),
+                        m.counters()[i].2
+                    );
+                }
+            });
+        }
+    }
     out
 }
 
@@ -328,7 +347,13 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let head = String::from_utf8_lossy(&buf[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
-        ("200 OK", render(&registry.stats(None).unwrap_or_default()))
+        (
+            "200 OK",
+            render(
+                &registry.stats(None).unwrap_or_default(),
+                &registry.switches().snapshots(),
+            ),
+        )
     } else {
         ("404 Not Found", "not found\n".to_string())
     };
@@ -379,8 +404,9 @@ mod tests {
                 rx_ring_full: 6,
             }],
             af_packet: None,
+            switch: None,
         };
-        let text = render(&[p]);
+        let text = render(&[p], &[]);
         assert!(
             !text.contains("af_packet"),
             "tap port with AF_PACKET metrics:\n{text}"
@@ -411,6 +437,7 @@ mod tests {
             sessions: Default::default(),
             queues: Vec::new(),
             af_packet,
+            switch: None,
         };
         let snap = |interface: &str, link, base: u64| AfPacketSnapshot {
             interface: interface.into(),
@@ -428,11 +455,14 @@ mod tests {
             reattached: base + 11,
             rx_copied: base + 12,
         };
-        let text = render(&[
-            port("vm0", Some(snap("veth0", LinkState::Up, 0))),
-            port("tap0", None),
-            port("vm1", Some(snap("we\"ird", LinkState::Gone, 100))),
-        ]);
+        let text = render(
+            &[
+                port("vm0", Some(snap("veth0", LinkState::Up, 0))),
+                port("tap0", None),
+                port("vm1", Some(snap("we\"ird", LinkState::Gone, 100))),
+            ],
+            &[],
+        );
         let afp: Vec<&str> = text
             .lines()
             .skip_while(|l| !l.contains("vhost_pump_af_packet_"))

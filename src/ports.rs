@@ -18,6 +18,9 @@ use crate::af_packet::{AfPacketPort, AfPacketSnapshot, AfPacketStatus};
 use crate::config::{HostSpec, PortSpec, MAX_PORTS};
 use crate::handoff::HandoffDir;
 use crate::server::{self, ServeControl, SessionStats};
+use crate::switch::frame_edit::VlanMode;
+use crate::switch::port::SwitchPort;
+use crate::switch::{Member, MemberSnapshot, Switch, SwitchSet, SwitchSpec};
 use crate::tap::TapPort;
 
 /// Errors starting or managing a port.
@@ -44,6 +47,9 @@ pub enum PortError {
     /// The AF_PACKET port could not be opened.
     #[error(transparent)]
     AfPacket(#[from] crate::af_packet::AfPacketError),
+    /// The switch is missing, or could not take the port.
+    #[error(transparent)]
+    Switch(#[from] crate::switch::SwitchError),
     /// The device could not be built.
     #[error(transparent)]
     Backend(#[from] vhost_net_backend::BackendError),
@@ -86,6 +92,8 @@ pub struct RunningPort {
     backend: Arc<NetBackend>,
     /// The AF_PACKET port's link state and counters (none for a tap port).
     af_packet: Option<AfPacketStatus>,
+    /// A switch port's switch and membership.
+    switch: Option<(Arc<Switch>, Arc<Member>)>,
     ctl: Arc<ServeControl>,
     /// The socket file is this port's to remove when it stops (server mode, not inherited).
     owns_socket: bool,
@@ -100,13 +108,17 @@ impl RunningPort {
     /// Opens the host port, builds the device, binds (or starts connecting to) the socket and
     /// starts serving in a thread of its own.
     pub fn start(spec: PortSpec) -> Result<Self, PortError> {
-        Self::start_with(spec, None)
+        Self::start_with(spec, None, &SwitchSet::default())
     }
 
     /// Like [`RunningPort::start`], but serves `inherited`, a listening socket someone else
     /// made and keeps (systemd socket activation, libvirt): it is neither bound, nor changed,
-    /// nor removed when the port stops.
-    pub fn start_with(spec: PortSpec, inherited: Option<UnixListener>) -> Result<Self, PortError> {
+    /// nor removed when the port stops. A switch port attaches to its switch in `switches`.
+    pub fn start_with(
+        spec: PortSpec,
+        inherited: Option<UnixListener>,
+        switches: &SwitchSet,
+    ) -> Result<Self, PortError> {
         spec.validate()?;
         let owns_socket = !spec.client && inherited.is_none();
         // A busy socket is refused before the host port is touched: a second daemon started by
@@ -116,7 +128,11 @@ impl RunningPort {
         if owns_socket {
             server::check_free(&spec.socket)?;
         }
-        let (backend, af_packet) = Self::build_device(&spec)?;
+        let Device {
+            backend,
+            af_packet,
+            switch,
+        } = Self::build_device(&spec, switches)?;
         // Created here, while the thread may still create directories: see crate::handoff.
         let (handoff_dir, handoff) = crate::handoff::create(spec.socket.parent())?;
         let listener = match inherited {
@@ -208,6 +224,7 @@ impl RunningPort {
             spec,
             backend,
             af_packet,
+            switch,
             ctl,
             owns_socket,
             thread: Some(thread),
@@ -218,22 +235,33 @@ impl RunningPort {
         })
     }
 
-    /// The device, and for an AF_PACKET port a handle on its link state and counters.
-    fn build_device(
-        spec: &PortSpec,
-    ) -> Result<(Arc<NetBackend>, Option<AfPacketStatus>), PortError> {
+    /// The device, with a handle on an AF_PACKET port's link state and counters, or on a
+    /// switch port's membership.
+    fn build_device(spec: &PortSpec, switches: &SwitchSet) -> Result<Device, PortError> {
         let queues = usize::from(spec.queues);
-        let (port, mtu, status): (Arc<dyn HostPort>, u16, _) = match &spec.host {
+        let mut af_packet = None;
+        let mut switch = None;
+        let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
             HostSpec::Tap(name) => {
                 let tap = TapPort::open(name, queues, spec.mtu)?;
                 let mtu = tap.mtu();
-                (Arc::new(tap), mtu, None)
+                (Arc::new(tap), mtu)
             }
             HostSpec::AfPacket(ifname) => {
                 let only = spec.mac_filter.then(|| spec.mac());
                 let p = AfPacketPort::open_filtered(ifname, queues, spec.mtu, only)?;
-                let (mtu, status) = (p.mtu(), p.status());
-                (Arc::new(p), mtu, Some(status))
+                af_packet = Some(p.status());
+                let mtu = p.mtu();
+                (Arc::new(p), mtu)
+            }
+            HostSpec::Switch(name) => {
+                let sw = switches.get(name)?;
+                let member = sw
+                    .attach(&spec.name, VlanMode::of(spec.vlan, &spec.trunk))
+                    .map_err(crate::switch::SwitchError::Io)?;
+                switch = Some((sw.clone(), member.clone()));
+                let mtu = spec.mtu.unwrap_or(1500);
+                (Arc::new(SwitchPort::new(sw, member, queues)), mtu)
             }
         };
         let config = NetConfig {
@@ -247,7 +275,11 @@ impl RunningPort {
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
         let backend = NetBackend::new(config, port, busy)?;
         backend.set_request_thread_hook(crate::sandbox::harden_port_descendant);
-        Ok((Arc::new(backend), status))
+        Ok(Device {
+            backend: Arc::new(backend),
+            af_packet,
+            switch,
+        })
     }
 
     /// The port's specification.
@@ -269,6 +301,10 @@ impl RunningPort {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Off the switch now, even if the device lingers until its last user lets go.
+        if let Some((sw, m)) = &self.switch {
+            sw.detach(m.id);
         }
         self.handoff_dir.take();
     }
@@ -295,8 +331,19 @@ impl RunningPort {
                 })
                 .collect(),
             af_packet: self.af_packet.as_ref().map(AfPacketStatus::snapshot),
+            switch: self
+                .switch
+                .as_ref()
+                .map(|(sw, m)| m.counters.snapshot(&sw.spec().name, &m.name)),
         }
     }
+}
+
+/// What [`RunningPort::build_device`] makes.
+struct Device {
+    backend: Arc<NetBackend>,
+    af_packet: Option<AfPacketStatus>,
+    switch: Option<(Arc<Switch>, Arc<Member>)>,
 }
 
 impl Drop for RunningPort {
@@ -412,12 +459,16 @@ pub struct PortStats {
     /// AF_PACKET ports only: the interface, its link state and the port's own counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub af_packet: Option<AfPacketSnapshot>,
+    /// A switch port's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<MemberSnapshot>,
 }
 
 /// All ports of the daemon.
 #[derive(Default)]
 pub struct PortRegistry {
     ports: Mutex<BTreeMap<String, RunningPort>>,
+    switches: SwitchSet,
     remembered: Mutex<Option<Remembered>>,
 }
 
@@ -426,6 +477,7 @@ pub struct PortRegistry {
 struct Remembered {
     path: PathBuf,
     names: BTreeSet<String>,
+    switches: BTreeSet<String>,
 }
 
 impl PortRegistry {
@@ -436,6 +488,7 @@ impl PortRegistry {
             remembered: Mutex::new(Some(Remembered {
                 path: path.into(),
                 names: BTreeSet::new(),
+                switches: BTreeSet::new(),
             })),
             ..Default::default()
         }
@@ -474,11 +527,25 @@ impl PortRegistry {
     }
 
     fn remember(&self, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), PortError> {
+        self.remember_both(|names, _| change(names))
+    }
+
+    fn remember_both(
+        &self,
+        change: impl FnOnce(&mut BTreeSet<String>, &mut BTreeSet<String>),
+    ) -> Result<(), PortError> {
         let mut guard = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = guard.as_mut() else {
             return Ok(());
         };
-        change(&mut r.names);
+        change(&mut r.names, &mut r.switches);
+        let switches: Vec<SwitchSpec> = self
+            .switches
+            .specs()
+            .into_iter()
+            .filter(|s| r.switches.contains(&s.name))
+            .collect();
+        r.switches.retain(|n| switches.iter().any(|s| &s.name == n));
         let specs: Vec<PortSpec> = {
             let ports = self.lock();
             r.names.retain(|n| ports.contains_key(n));
@@ -488,12 +555,15 @@ impl PortRegistry {
                 .map(|p| p.spec.clone())
                 .collect()
         };
-        let text = crate::config::DaemonConfig { port: specs }
-            .to_toml()
-            .map_err(|message| PortError::StateFile {
-                path: r.path.display().to_string(),
-                message,
-            })?;
+        let text = crate::config::DaemonConfig {
+            switch: switches,
+            port: specs,
+        }
+        .to_toml()
+        .map_err(|message| PortError::StateFile {
+            path: r.path.display().to_string(),
+            message,
+        })?;
         crate::cni::state::write_atomic(&r.path, text.as_bytes(), 0o600).map_err(|e| {
             PortError::StateFile {
                 path: r.path.display().to_string(),
@@ -534,7 +604,7 @@ impl PortRegistry {
             }
         }
         // Started outside the lock: opening a port can take a while and must not block others.
-        let running = RunningPort::start_with(spec, inherited)?;
+        let running = RunningPort::start_with(spec, inherited, &self.switches)?;
         let mut ports = self.lock();
         let name = running.spec.name.clone();
         if ports.contains_key(&name) {
@@ -574,12 +644,66 @@ impl PortRegistry {
         }
     }
 
-    /// Stops every port.
+    /// Stops every port, then every switch.
     pub fn stop_all(&self) {
         let ports = std::mem::take(&mut *self.lock());
         for (_, p) in ports {
             p.stop();
         }
+        self.switches.stop_all();
+    }
+
+    /// The daemon's switches.
+    pub fn switches(&self) -> &SwitchSet {
+        &self.switches
+    }
+
+    /// Starts a switch (from the config file: not remembered in the state file).
+    pub fn add_switch_unremembered(&self, spec: SwitchSpec) -> Result<(), PortError> {
+        Ok(self.switches.add(spec)?)
+    }
+
+    /// Starts a switch and, with a state file, remembers it across daemon restarts.
+    pub fn add_switch(&self, spec: SwitchSpec) -> Result<(), PortError> {
+        let name = spec.name.clone();
+        self.switches.add(spec)?;
+        let remembered = self.remember_both(|_, switches| {
+            switches.insert(name.clone());
+        });
+        if remembered.is_err() {
+            let _ = self.switches.remove(&name);
+        }
+        remembered
+    }
+
+    /// Stops a switch no port uses.
+    pub fn remove_switch(&self, name: &str) -> Result<(), PortError> {
+        self.switches.remove(name)?;
+        self.remember_both(|_, switches| {
+            switches.remove(name);
+        })
+    }
+
+    /// Starts the switches a state file kept (before its ports).
+    pub fn restore_switches(&self, specs: Vec<SwitchSpec>) -> Vec<(String, Result<(), PortError>)> {
+        let results: Vec<_> = specs
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    self.switches.add(s).map_err(PortError::from),
+                )
+            })
+            .collect();
+        let ok: Vec<String> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(n, _)| n.clone())
+            .collect();
+        if let Err(e) = self.remember_both(|_, switches| switches.extend(ok)) {
+            tracing::error!(error = %e, "state file not rewritten");
+        }
+        results
     }
 }
 
@@ -691,6 +815,7 @@ mod tests {
             sessions: Default::default(),
             queues: Vec::new(),
             af_packet,
+            switch: None,
         }
     }
 

@@ -428,6 +428,14 @@ impl World {
         }
     }
 
+    /// Runs STATUS with `conf`.
+    fn status(&self, conf: &Value) -> Reply {
+        self.run_raw(
+            &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", CNI_PATH)],
+            conf.to_string().as_bytes(),
+        )
+    }
+
     /// Runs `command` for container `cid`, interface `ifname`, with `conf` (`CNI_NETNS` names
     /// a namespace that does not exist: the DAN and plain paths never enter it).
     fn run(&self, command: &str, cid: &str, ifname: &str, conf: &Value) -> Reply {
@@ -731,12 +739,7 @@ fn version_status_and_bad_inputs() {
         assert!(supported.contains(&want), "{v}");
     }
 
-    let status = |c: &Value| {
-        w.run_raw(
-            &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", CNI_PATH)],
-            c.to_string().as_bytes(),
-        )
-    };
+    let status = |c: &Value| w.status(c);
     assert_eq!(status(&conf).ok(), None);
     let mut explicit = conf.clone();
     explicit["vhostPumpPath"] = json!(DAEMON);
@@ -1396,11 +1399,7 @@ fn kata_go_ipv6_only() {
         "ranges": [[{"subnet": "fd00:123:11::/64", "gateway": "fd00:123:11::1"}]],
         "routes": [{"dst": "::/0"}],
     }}));
-    let status = w.run_raw(
-        &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", CNI_PATH)],
-        conf.to_string().as_bytes(),
-    );
-    assert_eq!(status.ok(), None, "STATUS needs no iproute2");
+    assert_eq!(w.status(&conf).ok(), None, "STATUS needs no iproute2");
     let r = w.run_in("ADD", "go6", "eth0", &conf, &netns).ok().unwrap();
     let address = r["ips"][0]["address"].as_str().unwrap().to_string();
     assert!(address.starts_with("fd00:123:11::"), "{r}");
@@ -1565,11 +1564,7 @@ fn node_daemon_serves_two_pods() {
     let mut daemon = start_daemon();
     let conf = w.go_conf(json!({"daemon": {"control": control}}));
     // STATUS sees the daemon.
-    let status = w.run_raw(
-        &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", CNI_PATH)],
-        conf.to_string().as_bytes(),
-    );
-    assert_eq!(status.ok(), None);
+    assert_eq!(w.status(&conf).ok(), None);
 
     let mut pods = Vec::new();
     for name in ["pod-a", "pod-b"] {

@@ -90,7 +90,6 @@
 //!   guest receives them as such.
 
 mod cursor;
-mod frame;
 mod queue;
 mod sys;
 mod watcher;
@@ -106,10 +105,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::netdev::{self, IfName};
 
-use self::frame::VNET_HDR_LEN;
 use self::queue::AfPacketQueue;
 use self::sys::{PacketSocket, RingGeometry, SetupError, RX_MAX_MAC_OFFSET, TX_DATA_OFFSET};
 use self::watcher::Watcher;
+use crate::frame::VNET_HDR_LEN;
 
 /// Bytes per ring block: a power of two, so the kernel's power-of-two page allocation wastes
 /// nothing, large enough for 15 GSO-sized slots.

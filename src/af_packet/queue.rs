@@ -16,15 +16,15 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::cursor::RxCursor;
-use super::frame::{
-    iov_len, prepare_rx, prepare_tx, IovReader, IovWriter, RxRefusal, VlanTag, VnetHdr, ETH_HLEN,
-    VLAN_HLEN, VNET_HDR_LEN,
-};
 use super::sys::{
     status, Optional, PacketSocket, SetupError, TPACKET2_HDRLEN, TPACKET2_HDR_ALIGNED,
     TX_DATA_OFFSET,
 };
 use super::{AfPacketCounters, Link, Shared, RX_RING, TX_RING, TX_STALL};
+use crate::frame::{
+    iov_len, prepare_rx, prepare_tx, IovReader, IovWriter, RxRefusal, VlanTag, VnetHdr, ETH_HLEN,
+    VLAN_HLEN, VNET_HDR_LEN,
+};
 
 /// Epoll tokens of the queue's private set.
 const TOKEN_SOCKET: u64 = 0;
@@ -243,7 +243,7 @@ impl AfPacketQueue {
         let c = &shared.counters;
         let snap = data.len();
         let offloads = shared.offloads();
-        let partial = vnet.flags & super::frame::F_NEEDS_CSUM != 0;
+        let partial = vnet.flags & crate::frame::F_NEEDS_CSUM != 0;
         match prepare_rx(&mut vnet, data, offloads, vlan.is_some()) {
             Ok(()) => {}
             Err(RxRefusal::Gso) => {

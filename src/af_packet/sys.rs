@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use super::frame::VNET_HDR_LEN;
+use crate::frame::VNET_HDR_LEN;
 
 /// `TPACKET_V2` of `enum tpacket_versions`.
 const TPACKET_V2: libc::c_int = 1;

@@ -14,8 +14,9 @@ use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec};
 
 use super::config::MacvlanMode;
 use super::error::{code, CniError};
-use super::rtnl::{self, Rtnl, RtnlError};
+use super::rtnl::{Rtnl, RtnlError};
 use crate::netdev::{self, IfName};
+use vhost_net_backend::MacAddr;
 
 /// Host port failures.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +153,11 @@ fn pin_mac(nl: &Rtnl, name: &str, index: u32) -> Result<(), HostPortError> {
     let Some(mac) = nl.link(name)?.and_then(|l| l.mac) else {
         return Ok(());
     };
-    let bytes = rtnl::parse_mac(&mac).ok_or(HostPortError::Mac(mac.clone()))?;
+    let bytes = mac
+        .parse::<MacAddr>()
+        .map_err(|_| HostPortError::Mac(mac.clone()))?
+        .0
+        .to_vec();
     nl.set_link(
         &format!("dev {name} address {mac}"),
         LinkUnspec::new_with_index(index).address(bytes).build(),
@@ -245,7 +250,11 @@ pub fn create_macvlan(
     mtu: u16,
 ) -> Result<(), HostPortError> {
     IfName::new(name)?;
-    let bytes = rtnl::parse_mac(mac).ok_or_else(|| HostPortError::Mac(mac.into()))?;
+    let bytes = mac
+        .parse::<MacAddr>()
+        .map_err(|_| HostPortError::Mac(mac.into()))?
+        .0
+        .to_vec();
     let nl = Rtnl::here()?;
     let master_index = index_of(&nl, master)?;
     if nl.link(name)?.is_some() {

@@ -324,6 +324,8 @@ fn add_steps(
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),
                 socket_group: conf.perms.gid.map(|g| g.to_string()),
                 socket_mode: Some(format!("{:04o}", conf.perms.mode)),
+                vlan: None,
+                trunk: Vec::new(),
             };
             let port_name = spec.name.clone();
             nodedaemon::add(&node.control, spec, conf.ready_timeout)?;

@@ -23,8 +23,9 @@ use rtnetlink::packet_route::link::LinkMessage;
 use rtnetlink::{LinkDummy, LinkIfb, LinkUnspec};
 
 use super::error::{code, CniError};
-use super::rtnl::{self, Rtnl, RtnlError};
+use super::rtnl::{Rtnl, RtnlError};
 use crate::netdev::IfName;
+use vhost_net_backend::MacAddr;
 
 /// Prefix of the directory Kata runtime-go probes for each address of a pod link.
 pub const KATA_SOCKET_PREFIX: &str = "/tmp/vhostuser_";
@@ -152,7 +153,12 @@ pub fn inspect(netns: &Path, ifname: &str) -> Result<Option<PodLinkInfo>, PodLin
 /// else's: ours are removed on failure).
 pub fn create(netns: &Path, spec: &PodLinkSpec) -> Result<&'static str, PodLinkError> {
     IfName::new(&spec.ifname)?;
-    let mac = rtnl::parse_mac(&spec.mac).ok_or_else(|| PodLinkError::Mac(spec.mac.clone()))?;
+    let mac = spec
+        .mac
+        .parse::<MacAddr>()
+        .map_err(|_| PodLinkError::Mac(spec.mac.clone()))?
+        .0
+        .to_vec();
     let nl = open(netns)?;
     let err = in_ns(netns);
     if nl.link(&spec.ifname).map_err(&err)?.is_some() {

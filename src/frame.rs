@@ -1,6 +1,6 @@
-//! Per-frame logic without syscalls: the kernel's 10-byte `struct virtio_net_hdr`, what the
-//! guest's negotiated offloads allow in each direction, software checksum completion, VLAN tag
-//! reinsertion, and copying between guest iovecs and ring memory.
+//! Per-frame logic without syscalls, shared by the AF_PACKET port and the switch: the 10-byte
+//! `struct virtio_net_hdr`, what a guest's negotiated offloads allow in each direction,
+//! software checksum completion, VLAN tags, and copying between guest iovecs and buffers.
 
 use vhost_net_backend::GuestOffloads;
 
