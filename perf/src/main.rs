@@ -19,6 +19,7 @@ mod scen_guest;
 mod scen_idle;
 mod scen_scale;
 mod scen_soak;
+mod scen_switch;
 mod scen_vmless;
 mod sys;
 mod testpmd;
@@ -56,8 +57,9 @@ enum Cmd {
 /// Options of `run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOpts {
-    /// Scenario to run: vmless, guest-tcp, idle, scale (repeatable; default: all).
-    #[arg(long = "scenario", value_name = "NAME", value_parser = ["vmless", "guest-tcp", "idle", "scale", "soak"])]
+    /// Scenario to run: vmless, guest-tcp, idle, scale, soak, switch (repeatable; default:
+    /// vmless, guest-tcp, idle, scale).
+    #[arg(long = "scenario", value_name = "NAME", value_parser = ["vmless", "guest-tcp", "idle", "scale", "soak", "switch"])]
     pub scenarios: Vec<String>,
     /// Frame sizes in bytes including FCS, for vmless [default: 64,512,1518].
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
@@ -73,7 +75,8 @@ pub struct RunOpts {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Only these backends/paths (repeatable): vhost-pump-tap, vhost-pump-afpacket,
-    /// dpdk-vhost-tap, dpdk-vhost-afpacket, qemu-tap, kata-tcfilter.
+    /// dpdk-vhost-tap, dpdk-vhost-afpacket, qemu-tap, kata-tcfilter, vhost-pump-switch,
+    /// vhost-pump-bridge.
     #[arg(long = "backend", value_name = "NAME")]
     pub backends: Vec<String>,
     /// Skip the NDR searches.
@@ -545,6 +548,7 @@ fn run(mut opts: RunOpts) -> Result<()> {
             "idle" => scen_idle::planned(&opts),
             "scale" => scen_scale::planned(&opts, machine.nproc),
             "soak" => scen_soak::planned(),
+            "switch" => scen_switch::planned(&opts),
             _ => 0,
         })
         .sum();
@@ -588,6 +592,7 @@ fn run(mut opts: RunOpts) -> Result<()> {
             "idle" => scen_idle::run(&mut lab),
             "scale" => scen_scale::run(&mut lab),
             "soak" => scen_soak::run(&mut lab),
+            "switch" => scen_switch::run(&mut lab),
             _ => Ok(()),
         };
         if let Err(e) = res {
