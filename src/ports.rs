@@ -273,10 +273,13 @@ impl RunningPort {
             live_migration: spec.live_migration,
         };
         let busy = Duration::from_micros(u64::from(spec.busy_poll_us));
-        let backend = NetBackend::new(config, port, busy)?;
+        let backend = Arc::new(NetBackend::new(config, port, busy)?);
         backend.set_request_thread_hook(crate::sandbox::harden_port_descendant);
+        if let Some((_, m)) = &switch {
+            m.set_device(&backend);
+        }
         Ok(Device {
-            backend: Arc::new(backend),
+            backend,
             af_packet,
             switch,
         })

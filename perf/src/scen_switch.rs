@@ -1,19 +1,18 @@
-//! Scenario `switch`: VM-to-VM through the backend, VM-less. One `dpdk-testpmd` is both
-//! "guests": two virtio-user ports (fixed MACs) in `flowgen` (sending and counting what arrives), each sending to the other's MAC
-//! (`--eth-peer`), so frames cross the backend both ways at once; the figure is the sum of what
-//! the two ports received per second.
+//! Scenario `switch`: VM to VM through the backend, VM-less. Two `dpdk-testpmd` frontends
+//! are the guests, each with one virtio-user port and a fixed MAC: the receiver first sends a
+//! few frames (so a learning switch knows where it is), then counts in `rxonly`; the sender
+//! runs `txonly` to the receiver's MAC. The figure is what the receiver counted per second.
+//! Both frontends poll the same core (the frontend core), the backend has the other.
 //!
 //! Backends, same run, same pinning:
 //! - `vhost-pump-switch`: one daemon, both ports on its userspace switch (`[[switch]]`);
-//! - `vhost-pump-bridge`: two tap ports of one daemon on a Linux bridge (the kernel path
-//!   vhost-pump users have without the switch).
+//! - `vhost-pump-bridge`: one daemon, two tap ports on a Linux bridge (the kernel path
+//!   vhost-pump users have without the switch);
+//! - `dpdk-vhost-io`: DPDK `testpmd` forwarding between two `net_vhost` ports (`io` mode,
+//!   polling the backend core; it does not learn, it forwards port to port).
 //!
-//! DPDK `testpmd` forwarding between two `net_vhost` ports is not measured yet.
-//!
-//! Known limit: Debian 12's testpmd (DPDK 22.11) `flowgen` was seen sending from one MAC on
-//! both ports, so the switch never learns the peers and floods every frame (the bridge path is
-//! hurt the same way); until the frontend sends from each port's own MAC, these figures are a
-//! flooding worst case, not the learned-unicast rate.
+//! (testpmd's `flowgen` would send both ways from one process, but Debian 12's DPDK 22.11 sends
+//! it from a fixed MAC on every port, which no learning switch can follow.)
 
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::testpmd::{self, Testpmd, TestpmdOpts};
 use crate::{daemon, Lab, RunOpts};
 
 /// The backends of this scenario.
-pub const BACKENDS: [&str; 2] = ["vhost-pump-switch", "vhost-pump-bridge"];
+pub const BACKENDS: [&str; 3] = ["vhost-pump-switch", "vhost-pump-bridge", "dpdk-vhost-io"];
 
 const NS: &str = "switch";
 const MACS: [&str; 2] = ["02:70:73:00:00:01", "02:70:73:00:00:02"];
@@ -66,16 +65,60 @@ pub fn run(lab: &mut Lab) -> Result<()> {
 }
 
 fn record(backend: &str, size: u32) -> Record {
-    let mut r = Record::new("switch", "vm-to-vm", backend, "both");
+    let mut r = Record::new("switch", "vm-to-vm", backend, "a-to-b");
     r.frame_size = size;
     r.queues = 1;
     r
 }
 
-fn start_backend(lab: &Lab, ns: &Netns, backend: &str) -> Result<Proc> {
-    let socks = [0, 1].map(|i| daemon::socket(lab, &format!("switch-{i}")));
+/// The backend: its processes (whose CPU counts) and what keeps it running.
+struct Backend {
+    pids: Vec<u32>,
+    _proc: Option<Proc>,
+    _pmd: Option<Testpmd>,
+}
+
+fn sockets(lab: &Lab) -> [std::path::PathBuf; 2] {
+    [0, 1].map(|i| daemon::socket(lab, &format!("switch-{i}")))
+}
+
+fn start_backend(lab: &Lab, ns: &Netns, backend: &str) -> Result<Backend> {
+    let socks = sockets(lab);
     for s in &socks {
         let _ = std::fs::remove_file(s);
+    }
+    if backend == "dpdk-vhost-io" {
+        let (lcores, main) = lab.cpus.testpmd(lab.cpus.backend);
+        let o = TestpmdOpts {
+            name: format!("vpperf-swbe-{}", std::process::id()),
+            lcores,
+            main_lcore: main,
+            vdevs: (0..2)
+                .map(|i| format!("net_vhost{i},iface={},queues=1", socks[i].display()))
+                .collect(),
+            app_args: vec![
+                "--forward-mode=io".into(),
+                "--nb-cores=1".into(),
+                "--burst=32".into(),
+                "--total-num-mbufs=65536".into(),
+                "--mbuf-size=2176".into(),
+                "--no-lsc-interrupt".into(),
+            ],
+            log: lab.log("switch-dpdk-backend"),
+            mem_mib: 1024,
+        };
+        let mut pmd = Testpmd::start(ns, &o)?;
+        pmd.start_fwd()?;
+        for s in &socks {
+            if !s.exists() {
+                bail!("DPDK vhost did not create {}", s.display());
+            }
+        }
+        return Ok(Backend {
+            pids: vec![pmd.pid()],
+            _proc: None,
+            _pmd: Some(pmd),
+        });
     }
     let mut conf = String::new();
     if backend == "vhost-pump-switch" {
@@ -118,50 +161,59 @@ fn start_backend(lab: &Lab, ns: &Netns, backend: &str) -> Result<Proc> {
         }
         ns.ip(&["link", "set", BRIDGE, "up"])?;
     }
-    Ok(p)
+    Ok(Backend {
+        pids: vec![p.pid()],
+        _proc: Some(p),
+        _pmd: None,
+    })
 }
 
-fn start_frontend(lab: &Lab, ns: &Netns) -> Result<Testpmd> {
-    let vdevs = (0..2)
-        .map(|i| {
-            format!(
-                "net_virtio_user{i},path={},queues=1,queue_size=1024,mrg_rxbuf=1,in_order=1,mac={}",
-                daemon::socket(lab, &format!("switch-{i}")).display(),
-                MACS[i]
-            )
-        })
-        .collect();
+/// Frontend `i` (0: the sender, 1: the receiver), sending to the other's MAC when it sends.
+fn start_frontend(lab: &Lab, ns: &Netns, i: usize) -> Result<Testpmd> {
+    let (lcores, main) = lab.cpus.testpmd(lab.cpus.frontend);
     let o = TestpmdOpts {
-        name: format!("vpperf-sw-{}", std::process::id()),
-        lcores: lab.cpus.testpmd(lab.cpus.frontend).0,
-        main_lcore: lab.cpus.testpmd(lab.cpus.frontend).1,
-        vdevs,
+        name: format!("vpperf-sw{i}-{}", std::process::id()),
+        lcores,
+        main_lcore: main,
+        vdevs: vec![format!(
+            "net_virtio_user0,path={},queues=1,queue_size=1024,mrg_rxbuf=1,in_order=1,mac={}",
+            sockets(lab)[i].display(),
+            MACS[i]
+        )],
         app_args: vec![
-            "--forward-mode=flowgen".into(),
+            "--forward-mode=rxonly".into(),
             "--nb-cores=1".into(),
             "--burst=32".into(),
             "--total-num-mbufs=65536".into(),
             "--mbuf-size=2176".into(),
             "--no-lsc-interrupt".into(),
-            format!("--eth-peer=0,{}", MACS[1]),
-            format!("--eth-peer=1,{}", MACS[0]),
+            format!("--eth-peer=0,{}", MACS[1 - i]),
         ],
-        log: lab.log("switch-frontend"),
+        log: lab.log(&format!("switch-frontend-{i}")),
         mem_mib: 1024,
     };
     let mut fe = Testpmd::start(ns, &o)?;
-    fe.wait_link_up(2, Duration::from_secs(15))
-        .context("frontend links")?;
+    fe.wait_link_up(1, Duration::from_secs(15))
+        .context("frontend link")?;
     Ok(fe)
 }
 
 fn run_backend(lab: &mut Lab, backend: &str) -> Result<()> {
     let ns = Netns::create(NS)?;
     let be = start_backend(lab, &ns, backend)?;
-    let mut fe = start_frontend(lab, &ns)?;
+    let mut tx = start_frontend(lab, &ns, 0)?;
+    let mut rx = start_frontend(lab, &ns, 1)?;
+    let t = Duration::from_secs(10);
+    // The receiver announces itself (a learning switch, a bridge), then only counts.
+    rx.command("set fwd txonly", t)?;
+    rx.start_fwd()?;
+    std::thread::sleep(Duration::from_millis(100));
+    rx.stop_fwd()?;
+    rx.command("set fwd rxonly", t)?;
+    rx.start_fwd()?;
+    tx.command("set fwd txonly", t)?;
     let setup = sys::peek_cmds();
     let d = lab.duration("vmless");
-    let t = Duration::from_secs(10);
     for size in sizes(&lab.opts) {
         if sys::interrupted() {
             break;
@@ -171,30 +223,27 @@ fn run_backend(lab: &mut Lab, backend: &str) -> Result<()> {
         r.duration_s = d.as_secs_f64();
         let mut cmds = setup.clone();
         cmds.push(format!(
-            "testpmd> set txpkts {}; start  # both ports flowgen (send to each other, count and drop what arrives), {size} B incl. FCS",
+            "sender testpmd> set txpkts {}; set fwd txonly; start  # {size} B incl. FCS; \
+             receiver testpmd> set fwd rxonly; start",
             testpmd::txpkts(size as usize - 4)
         ));
         let res = (|| -> Result<()> {
-            fe.command(
+            tx.command(
                 &format!("set txpkts {}", testpmd::txpkts(size as usize - 4)),
                 t,
             )?;
-            fe.start_fwd()?;
+            tx.start_fwd()?;
             std::thread::sleep((d / 3).clamp(Duration::from_millis(300), Duration::from_secs(1)));
-            let rx = |fe: &mut Testpmd| -> Result<(u64, u64)> {
-                let (a, b) = (fe.port_stats(0)?, fe.port_stats(1)?);
-                Ok((a.rx_packets + b.rx_packets, a.tx_packets + b.tx_packets))
-            };
-            let (rx0, tx0) = rx(&mut fe)?;
-            let u0 = Usage::now(&[be.pid()]);
+            let (rx0, tx0) = (rx.port_stats(0)?.rx_packets, tx.port_stats(0)?.tx_packets);
+            let u0 = Usage::now(&be.pids);
             std::thread::sleep(d);
-            let (rx1, tx1) = rx(&mut fe)?;
-            let u = Usage::now(&[be.pid()]).since(&u0);
-            fe.stop_fwd()?;
-            let pps = (rx1 - rx0) as f64 / u.wall_s;
+            let (rx1, tx1) = (rx.port_stats(0)?.rx_packets, tx.port_stats(0)?.tx_packets);
+            let u = Usage::now(&be.pids).since(&u0);
+            tx.stop_fwd()?;
             if rx1 == rx0 {
                 bail!("no frame crossed the backend");
             }
+            let pps = (rx1 - rx0) as f64 / u.wall_s;
             r.metric("mpps", pps / 1e6);
             r.metric("gbps", pps * f64::from(size) * 8.0 / 1e9);
             r.metric("offered_mpps", (tx1 - tx0) as f64 / u.wall_s / 1e6);
@@ -204,12 +253,13 @@ fn run_backend(lab: &mut Lab, backend: &str) -> Result<()> {
         })();
         if let Err(e) = res {
             r.fail(Status::Failed, format!("{e:#}"));
-            let _ = fe.stop_fwd();
+            let _ = tx.stop_fwd();
         }
         r.commands = cmds;
         lab.record(r);
     }
-    fe.quit();
+    tx.quit();
+    rx.quit();
     drop(be);
     drop(ns);
     Ok(())

@@ -276,6 +276,9 @@ pub struct Member {
     /// Counters.
     pub counters: MemberCounters,
     storm: Mutex<Bucket>,
+    /// A port's device, to deliver switched frames from the sender's thread
+    /// ([`vhost_net_backend::NetBackend::poll_rx`]); none for uplinks.
+    device: Mutex<Option<std::sync::Weak<vhost_net_backend::NetBackend>>>,
 }
 
 /// A token bucket of flooded frames per second.
@@ -297,7 +300,27 @@ impl Member {
                 tokens: 0.0,
                 last: Instant::now(),
             }),
+            device: Mutex::new(None),
         })
+    }
+
+    /// Ties a port member to its device.
+    pub fn set_device(&self, d: &Arc<vhost_net_backend::NetBackend>) {
+        *self.device.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::downgrade(d));
+    }
+
+    /// Delivers what waits in the inbox to the port's guest from this thread, if the port's
+    /// worker is free (otherwise its own thread, woken by the inbox, does it).
+    pub fn deliver_now(&self) {
+        let d = self
+            .device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(d) = d {
+            d.poll_rx(0);
+        }
     }
 
     /// Takes one token of `pps` (burst: a tenth of a second's worth, at least 64).
@@ -432,9 +455,11 @@ impl Switch {
         self.fdb
             .entries()
             .into_iter()
-            .map(|e| FdbView {
+            .map(|e: FdbEntry| FdbView {
                 member: names.get(&e.member).cloned().unwrap_or_default(),
-                entry: e,
+                vlan: e.vlan,
+                mac: e.mac,
+                age_secs: e.age_secs,
             })
             .collect()
     }
@@ -446,11 +471,14 @@ impl Switch {
     ///
     /// # Safety
     /// Every entry of `iov` must be valid for reads for its whole length.
+    /// Members that were given frames are added to `touched` (once each), for the caller to
+    /// [`Member::deliver_now`] after its burst.
     pub unsafe fn forward(
         &self,
         from: &Member,
         iov: &[libc::iovec],
         hdr_len: usize,
+        touched: &mut Vec<Arc<Member>>,
     ) -> io::Result<usize> {
         let c = &from.counters;
         let total = crate::frame::iov_len(iov);
@@ -503,12 +531,16 @@ impl Switch {
             self.fdb.lookup(vid, &eth.dst, now)
         };
         let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
-        let deliver = |m: &Member| {
+        let mut deliver = |m: &Arc<Member>| {
             let mut rd = IovReader::new(iov);
             // SAFETY: as above.
             unsafe { rd.read_raw(std::ptr::null_mut(), hdr_len) };
             // SAFETY: as above.
-            unsafe { self.deliver(m, &mut rd, hdr, frame_len, eth.tag.is_some(), vid) };
+            let queued =
+                unsafe { self.deliver(m, &mut rd, hdr, frame_len, eth.tag.is_some(), vid) };
+            if queued && !touched.iter().any(|t| t.id == m.id) {
+                touched.push(m.clone());
+            }
         };
         match to {
             Some(id) if id == from.id => {
@@ -537,7 +569,7 @@ impl Switch {
         Ok(total)
     }
 
-    /// Copies one frame into `to`'s inbox, edited for it.
+    /// Copies one frame into `to`'s inbox, edited for it; true when it was queued.
     ///
     /// # Safety
     /// The reader's iovecs must be valid for reads.
@@ -549,11 +581,11 @@ impl Switch {
         frame_len: usize,
         tagged_in: bool,
         vid: u16,
-    ) {
+    ) -> bool {
         let c = &to.counters;
         if !to.rx.running.load(Relaxed) {
             c.drop_not_running.fetch_add(1, Relaxed);
-            return;
+            return false;
         }
         let mut buf = to.inbox.buffer();
         let tag_out = to.vlan.tags().then_some(vid);
@@ -563,35 +595,40 @@ impl Switch {
             Ok(h) => h,
             Err(EditError::Short | EditError::Runt) => {
                 to.inbox.give_back(buf);
-                return;
+                return false;
             }
         };
         if prepare_rx(&mut h, &mut buf[VNET_HDR_LEN..], to.rx.offloads(), false).is_err() {
             c.drop_offload.fetch_add(1, Relaxed);
             to.inbox.give_back(buf);
-            return;
+            return false;
         }
         buf[..VNET_HDR_LEN].copy_from_slice(&h.to_bytes());
         match to.inbox.push(buf) {
             Ok(()) => {
                 c.received.fetch_add(1, Relaxed);
+                true
             }
             Err(buf) => {
                 c.drop_inbox_full.fetch_add(1, Relaxed);
                 to.inbox.give_back(buf);
+                false
             }
         }
     }
 }
 
-/// A forwarding table entry with the member's name.
+/// A forwarding table entry as `ctl fdb` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdbView {
-    /// The entry.
-    #[serde(flatten)]
-    pub entry: FdbEntry,
-    /// Member name.
+    /// VLAN id (0: the untagged network).
+    pub vlan: u16,
+    /// The address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Name of the member it was learned on (a port, or `uplink:IFNAME`).
     pub member: String,
+    /// Seconds since it was last seen.
+    pub age_secs: u64,
 }
 
 /// The switches of one daemon.

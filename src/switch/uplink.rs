@@ -142,6 +142,7 @@ fn run(
     add(&ep, member.inbox.fd(), TOKEN_INBOX)?;
     add(&ep, stop.as_raw_fd(), TOKEN_STOP)?;
     let mut buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME];
+    let mut touched = Vec::new();
     let mut events = vec![EpollEvent::default(); 4];
     loop {
         // Both sides are drained (edge-triggered) before sleeping again, a burst at a time.
@@ -160,7 +161,7 @@ fn run(
                             iov_len: n.min(buf.len()),
                         }];
                         // SAFETY: as above; `n` bytes of `buf` were written.
-                        let _ = unsafe { sw.forward(member, &iov, VNET_HDR_LEN) };
+                        let _ = unsafe { sw.forward(member, &iov, VNET_HDR_LEN, &mut touched) };
                         host_more = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -171,6 +172,9 @@ fn run(
                     Err(e) if e.kind() == io::ErrorKind::InvalidInput => host_more = true,
                     Err(e) => return Err(e),
                 }
+            }
+            for m in touched.drain(..) {
+                m.deliver_now();
             }
             let mut sent = 0;
             while sent < BURST {

@@ -174,6 +174,24 @@ impl NetBackend {
         self.acked.load(Ordering::Relaxed)
     }
 
+    /// Delivers the frames queue pair `pair`'s host queue holds to the guest from the calling
+    /// thread, unless that pair's worker is busy (then its own thread, woken by the host
+    /// queue's fd, delivers them). For host queues fed by other threads of this process (the
+    /// switch): a sender calls it once per burst, so switched frames reach the guest without
+    /// waking another thread. Returns true when it ran.
+    pub fn poll_rx(&self, pair: usize) -> bool {
+        let Some(w) = self.workers.get(pair) else {
+            return false;
+        };
+        let mut w = match w.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        w.rx_now();
+        true
+    }
+
     fn worker(&self, pair: usize) -> Option<MutexGuard<'_, QueuePairWorker>> {
         // A poisoned lock means a worker panicked mid-frame; its state is still structurally
         // valid (held buffers are re-derived from the ring), so keep serving.

@@ -58,6 +58,11 @@ pub trait HostQueue: Send {
     fn flush(&mut self) -> TxDrops {
         TxDrops::default()
     }
+
+    /// Told when a frontend session starts using the queue (guest memory arrived) and when it
+    /// ends (the device was reset). Ports that queue frames for the guest themselves drop them
+    /// while no session runs. Default: nothing.
+    fn set_active(&mut self, _active: bool) {}
 }
 
 /// Frames a [`HostQueue`] accepted in `send` and dropped later, in `flush`, by cause.

@@ -148,6 +148,7 @@ impl QueuePairWorker {
         self.mem = None;
         self.host_readable = true;
         self.set_features(0);
+        self.port.set_active(false);
     }
 
     /// Applies the guest's acked features.
@@ -166,6 +167,27 @@ impl QueuePairWorker {
     /// Sets the guest memory map.
     pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
         self.mem = Some(mem);
+        self.port.set_active(true);
+    }
+
+    /// Delivers what the host queue holds for the guest now, from the calling thread: for a
+    /// host queue fed by another thread of this process (a switch), which calls this after
+    /// queueing frames instead of waking this worker's thread. Does nothing before the worker
+    /// has run once in this session (it does not know the rings yet).
+    pub fn rx_now(&mut self) {
+        let (Some(vrings), Some(mem)) = (
+            self.vrings.clone(),
+            self.mem.as_ref().map(|m| m.memory().into_inner()),
+        ) else {
+            return;
+        };
+        self.host_readable = true;
+        // Bounded: a queue refilled as fast as it is drained goes back to its own thread.
+        for _ in 0..4 {
+            if !self.process_rx(&vrings[RX], &mem).more {
+                break;
+            }
+        }
     }
 
     /// Gives held RX buffers back before the frontend reads the ring base of `queue`
