@@ -39,7 +39,7 @@ const REFUSAL: &[u8] = b"{\"ok\":false,\"error\":\"too many control connections;
 
 /// A control request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Start a new port.
     Add {

@@ -1747,3 +1747,103 @@ fn kata_go_leaves_what_is_not_its_own() {
     assert_eq!(w.run_in("DEL", "own3", "eth0", &conf, &netns).ok(), None);
     w.assert_clean();
 }
+
+#[test]
+fn node_daemon_switch_pods_talk_vm_to_vm() {
+    // `hostPort.kind = "switch"`: two Kata runtime-go pods on the node daemon's userspace
+    // switch ping each other without a kernel bridge, and reach the node through the switch's
+    // uplink tap, which carries their gateway.
+    let test = "node_daemon_switch_pods_talk_vm_to_vm";
+    if !can_boot(test) {
+        return;
+    }
+    let w = World::new("nsw", 13);
+    let control = w.dir.path().join("node.sock");
+    let mut daemon = Command::new("ip")
+        .args(["netns", "exec", &w.ns, DAEMON, "--control"])
+        .arg(&control)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the node daemon", Duration::from_secs(10), || {
+        UnixStream::connect(&control).is_ok()
+    });
+    let conf = w.go_conf(json!({
+        "daemon": {"control": control},
+        "hostPort": {"kind": "switch", "switch": "pods", "uplinkTap": "vpnsw-up"},
+    }));
+    let mut pods = Vec::new();
+    for name in ["sw-a", "sw-b"] {
+        let ns = w.pod_netns(&format!("nsw-{name}"));
+        let netns = format!("/run/netns/{ns}");
+        let r = w.run_in("ADD", name, "eth0", &conf, &netns).ok().unwrap();
+        let eps = kata_go_scan(&w, &ns);
+        assert_eq!(eps.len(), 1, "{eps:?}");
+        pods.push((name, netns, r, eps.into_iter().next().unwrap()));
+    }
+    // The switch exists once, with its uplink; both pods' ports are on it.
+    let switches = node_request(&control, &json!({"op": "list-switches"}));
+    assert_eq!(
+        switches["switches"].as_array().map(Vec::len),
+        Some(1),
+        "{switches}"
+    );
+    assert_eq!(switches["switches"][0]["name"], "pods", "{switches}");
+    assert_eq!(
+        switches["switches"][0]["uplinks"][0]["name"], "vpnsw-up",
+        "{switches}"
+    );
+    let up = w.link("vpnsw-up");
+    assert!(up.to_string().contains("\"UP\""), "uplink tap not up: {up}");
+    assert!(
+        w.ip(&["-o", "addr", "show", "dev", "vpnsw-up"])
+            .contains(&w.gateway()),
+        "the gateway address is not on the uplink tap"
+    );
+    let mut vms: Vec<QemuGuest> = pods
+        .iter()
+        .map(|(name, _, _, ep)| kata_go_guest(ep, &format!("nsw-{name}")))
+        .collect();
+    let b_ip = pods[1].3.address.split('/').next().unwrap().to_string();
+    let rtt = guest_pings(&mut vms[0], &b_ip);
+    eprintln!("FIGURE switch pods (runtime-go + QEMU): pod to pod ping {rtt:.3} ms (TCG guests)");
+    let rtt = guest_pings(&mut vms[1], &w.gateway());
+    eprintln!("FIGURE switch pods: pod to node (uplink) ping {rtt:.3} ms");
+    // Both pods' MACs were learned on their own ports; frames went port to port.
+    let fdb = node_request(&control, &json!({"op": "fdb", "name": "pods"}));
+    for (_, _, _, ep) in &pods {
+        assert!(
+            fdb["fdb"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["mac"].as_str() == Some(ep.mac.as_str())
+                    && e["member"] != "uplink:vpnsw-up"),
+            "{} not learned on its port: {fdb}",
+            ep.mac
+        );
+    }
+    let stats = node_request(&control, &json!({"op": "stats"}));
+    let forwarded: u64 = stats["stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["switch"]["forwarded"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(forwarded > 0, "no frame forwarded port to port: {stats}");
+    for (name, netns, r, _) in &pods {
+        let mut check = conf.clone();
+        check["prevResult"] = r.clone();
+        assert_eq!(w.run_in("CHECK", name, "eth0", &check, netns).ok(), None);
+    }
+    drop(vms);
+    for (name, netns, _, _) in &pods {
+        assert_eq!(w.run_in("DEL", name, "eth0", &conf, netns).ok(), None);
+    }
+    let left = node_request(&control, &json!({"op": "list"}));
+    assert_eq!(left["ports"].as_array().map(Vec::len), Some(0), "{left}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    w.assert_clean();
+}

@@ -123,6 +123,17 @@ pub enum HostPortConf {
         /// Mode of the per-attachment macvlan, `None` to use the master directly.
         macvlan: Option<MacvlanMode>,
     },
+    /// A port of the node daemon's userspace switch `switch` (created on first use, with
+    /// `uplink_tap` as its uplink when given): pods on one node talk VM to VM without the
+    /// kernel. Needs the node daemon (`daemon`).
+    Switch {
+        /// Switch name.
+        switch: String,
+        /// The pod's access VLAN.
+        vlan: Option<u16>,
+        /// Tap the switch is given as uplink when the plugin creates it.
+        uplink_tap: Option<String>,
+    },
 }
 
 /// Ownership and mode for the socket (server mode) or its directory (client mode).
@@ -453,6 +464,12 @@ impl NetConf {
                 })
             })
             .transpose()?;
+        if matches!(host_port, HostPortConf::Switch { .. }) && daemon.is_none() {
+            return Err(invalid(
+                "hostPort.kind \"switch\" needs the node daemon (\"daemon\": {\"control\": ...}): \
+                 the switch lives in it",
+            ));
+        }
         Ok(NetConf {
             version,
             name,
@@ -587,8 +604,9 @@ fn parse_host_port(v: &Value) -> Result<HostPortConf, CniError> {
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("hostPort must be an object with a \"kind\""))?;
-    let kind = string_field(obj, "kind")?
-        .ok_or_else(|| invalid("hostPort.kind is missing (\"tap\" or \"af-packet\")"))?;
+    let kind = string_field(obj, "kind")?.ok_or_else(|| {
+        invalid("hostPort.kind is missing (\"tap\", \"af-packet\" or \"switch\")")
+    })?;
     match kind.as_str() {
         "tap" => {
             check_keys(obj, "tap", &["kind", "bridge", "isGateway"])?;
@@ -618,8 +636,40 @@ fn parse_host_port(v: &Value) -> Result<HostPortConf, CniError> {
             let macvlan = bool_field(obj, "macvlan")?.unwrap_or(true).then_some(mode);
             Ok(HostPortConf::AfPacket { master, macvlan })
         }
+        "switch" => {
+            check_keys(obj, "switch", &["kind", "switch", "vlan", "uplinkTap"])?;
+            let switch = string_field(obj, "switch")?.unwrap_or_else(|| "pods".into());
+            let probe = crate::switch::SwitchSpec {
+                name: switch.clone(),
+                fdb_max: crate::switch::DEFAULT_FDB_MAX,
+                aging_secs: crate::switch::DEFAULT_AGING_SECS,
+                flood_pps: crate::switch::DEFAULT_FLOOD_PPS,
+                uplinks: Vec::new(),
+            };
+            probe
+                .validate()
+                .map_err(|e| invalid(format!("hostPort.switch: {e}")))?;
+            let vlan = match obj.get("vlan") {
+                None => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| (1..=crate::switch::frame_edit::MAX_VLAN).contains(n))
+                        .ok_or_else(|| invalid(format!("hostPort.vlan {v} must be 1 to 4094")))?,
+                ),
+            };
+            let uplink_tap = match obj.get("uplinkTap") {
+                None => None,
+                Some(_) => Some(ifname_field(obj, "uplinkTap")?),
+            };
+            Ok(HostPortConf::Switch {
+                switch,
+                vlan,
+                uplink_tap,
+            })
+        }
         other => Err(unsupported(format!(
-            "hostPort.kind {other:?} is not supported: use \"tap\" or \"af-packet\""
+            "hostPort.kind {other:?} is not supported: use \"tap\", \"af-packet\" or \"switch\""
         ))),
     }
 }
@@ -692,6 +742,42 @@ mod tests {
                 is_gateway: false
             }
         );
+    }
+
+    #[test]
+    fn switch_ports_need_the_node_daemon_and_sane_fields() {
+        let sw = json!({"kind": "switch", "switch": "pods", "vlan": 12, "uplinkTap": "up0"});
+        let e = NetConf::from_value(with("hostPort", sw.clone())).unwrap_err();
+        assert!(e.to_string().contains("needs the node daemon"), "{e}");
+        let mut v = with("hostPort", sw);
+        v["daemon"] = json!({"control": "/run/vhost-pump/node.sock"});
+        let c = NetConf::from_value(v.clone()).unwrap();
+        assert_eq!(
+            c.host_port,
+            HostPortConf::Switch {
+                switch: "pods".into(),
+                vlan: Some(12),
+                uplink_tap: Some("up0".into()),
+            }
+        );
+        for bad in [
+            json!({"kind": "switch", "vlan": 0}),
+            json!({"kind": "switch", "vlan": 4095}),
+            json!({"kind": "switch", "switch": "bad name"}),
+            json!({"kind": "switch", "uplinkTap": "much-too-long-tap-name"}),
+            json!({"kind": "switch", "bridge": "br0"}),
+        ] {
+            let mut b = v.clone();
+            b["hostPort"] = bad.clone();
+            assert!(NetConf::from_value(b).is_err(), "{bad} accepted");
+        }
+        // The default switch name.
+        let mut d = v;
+        d["hostPort"] = json!({"kind": "switch"});
+        assert!(matches!(
+            NetConf::from_value(d).unwrap().host_port,
+            HostPortConf::Switch { ref switch, vlan: None, uplink_tap: None } if switch == "pods"
+        ));
     }
 
     #[test]

@@ -165,6 +165,18 @@ fn pin_mac(nl: &Rtnl, name: &str, index: u32) -> Result<(), HostPortError> {
     Ok(())
 }
 
+/// Brings link `name` up.
+pub fn set_up(name: &str) -> Result<(), HostPortError> {
+    IfName::new(name)?;
+    let nl = Rtnl::here()?;
+    let index = index_of(&nl, name)?;
+    nl.set_link(
+        &format!("dev {name} up"),
+        LinkUnspec::new_with_index(index).up().build(),
+    )?;
+    Ok(())
+}
+
 /// Puts `addr` (gateway address with the subnet's prefix) on `bridge` unless present, and
 /// enables forwarding for its family.
 pub fn add_gateway(bridge: &str, addr: IpNet) -> Result<(), HostPortError> {

@@ -75,6 +75,54 @@ pub fn add(control: &Path, spec: PortSpec, timeout: Duration) -> Result<(), Node
     }
 }
 
+/// Makes sure the node daemon runs switch `name`, creating it (with `uplink_tap` as its
+/// uplink) if it does not; losing a race with a concurrent ADD that created it is fine.
+pub fn ensure_switch(
+    control: &Path,
+    name: &str,
+    uplink_tap: Option<&str>,
+    timeout: Duration,
+) -> Result<(), NodeDaemonError> {
+    let listed = ask(control, &Request::ListSwitches, timeout)?;
+    if listed
+        .switches
+        .as_ref()
+        .is_some_and(|s| s.iter().any(|s| s.name == name))
+    {
+        return Ok(());
+    }
+    let switch = crate::switch::SwitchSpec {
+        name: name.into(),
+        fdb_max: crate::switch::DEFAULT_FDB_MAX,
+        aging_secs: crate::switch::DEFAULT_AGING_SECS,
+        flood_pps: crate::switch::DEFAULT_FLOOD_PPS,
+        uplinks: uplink_tap
+            .map(|t| crate::switch::UplinkSpec {
+                kind: crate::switch::UplinkKind::Tap,
+                name: t.into(),
+                vlan: None,
+                trunk: Vec::new(),
+            })
+            .into_iter()
+            .collect(),
+    };
+    let r = ask(control, &Request::AddSwitch { switch }, timeout)?;
+    let raced = r
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("already exists"));
+    if r.ok || raced {
+        Ok(())
+    } else {
+        Err(NodeDaemonError::Refused {
+            path: control.into(),
+            what: "add-switch",
+            port: name.into(),
+            error: r.error.unwrap_or_default(),
+        })
+    }
+}
+
 /// The port's counters and state; `None` when the daemon has no such port.
 pub fn stats(
     control: &Path,

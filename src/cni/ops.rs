@@ -229,6 +229,38 @@ fn add_steps(
             }
             (port, mtu)
         }
+        HostPortConf::Switch {
+            switch, uplink_tap, ..
+        } => {
+            let port = PortState::Switch {
+                switch: switch.clone(),
+            };
+            let mtu = conf.mtu.unwrap_or(1500);
+            st.port = Some(port.clone());
+            st.mtu = Some(mtu);
+            st.save(&paths.state)?;
+            if let Some(node) = &conf.daemon {
+                nodedaemon::ensure_switch(
+                    &node.control,
+                    switch,
+                    uplink_tap.as_deref(),
+                    conf.ready_timeout,
+                )?;
+            }
+            // The uplink tap is the pods' way to the node: it carries their gateway.
+            if let Some(tap) = uplink_tap {
+                hostport::set_up(tap)?;
+                for ip in &ipam_result.ips {
+                    if let Some(gw) = ip.gateway {
+                        let net = IpNet::new(gw, ip.address.prefix_len()).map_err(|e| {
+                            CniError::new(code::IPAM, format!("bad gateway {gw}: {e}"))
+                        })?;
+                        hostport::add_gateway(tap, net)?;
+                    }
+                }
+            }
+            (port, mtu)
+        }
     };
 
     // 3. Kata runtime-go: the socket goes where Kata looks for it, and the pod netns gets the
@@ -293,7 +325,7 @@ fn add_steps(
     make_socket_dir(conf, paths)?;
 
     // 5. The backend: a sidecar, or a port on the node daemon.
-    let af_packet = !matches!(port, PortState::Tap { .. });
+    let af_packet = matches!(port, PortState::Macvlan { .. } | PortState::Existing { .. });
     match (&conf.daemon, daemon) {
         (Some(node), _) => {
             let name = nodedaemon::port_name(&st.key);
@@ -306,10 +338,12 @@ fn add_steps(
             let spec = PortSpec {
                 name,
                 socket: paths.socket.clone(),
-                host: if af_packet {
-                    HostSpec::AfPacket(port.name().to_string())
-                } else {
-                    HostSpec::Tap(port.name().to_string())
+                host: match &port {
+                    PortState::Tap { name, .. } => HostSpec::Tap(name.clone()),
+                    PortState::Switch { switch } => HostSpec::Switch(switch.clone()),
+                    PortState::Macvlan { name, .. } | PortState::Existing { name } => {
+                        HostSpec::AfPacket(name.clone())
+                    }
                 },
                 queues: conf.queues,
                 queue_size: conf.queue_size,
@@ -324,7 +358,10 @@ fn add_steps(
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),
                 socket_group: conf.perms.gid.map(|g| g.to_string()),
                 socket_mode: Some(format!("{:04o}", conf.perms.mode)),
-                vlan: None,
+                vlan: match &conf.host_port {
+                    HostPortConf::Switch { vlan, .. } => *vlan,
+                    _ => None,
+                },
                 trunk: Vec::new(),
             };
             let port_name = spec.name.clone();
@@ -387,6 +424,13 @@ fn start_sidecar(
         // The plugin knows the guest MAC: drop other hosts' unicast in the kernel.
         PortState::Macvlan { name, .. } | PortState::Existing { name } => {
             args.extend(["--af-packet".into(), name.clone(), "--mac-filter".into()])
+        }
+        // Refused at configuration time: a switch lives in the node daemon.
+        PortState::Switch { .. } => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "a switch port needs the node daemon",
+            ))
         }
     }
     args.extend([
@@ -827,6 +871,8 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                 problems.push(format!("interface {name} is missing"));
             }
         }
+        // The node daemon's port (checked below) is the whole attachment.
+        Some(PortState::Switch { .. }) => {}
         None => problems.push("no host port recorded".into()),
     }
     // What Kata runtime-go's netns scan finds: the link, its MAC, addresses and MTU.
@@ -1000,6 +1046,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                 problems.push(format!("hostPort.master {master} does not exist"));
             }
         }
+        HostPortConf::Switch { .. } => {}
     }
     let mut dirs = vec![conf.socket_dir.as_path()];
     match conf.kata {

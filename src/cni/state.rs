@@ -178,15 +178,21 @@ pub enum PortState {
         /// Interface name.
         name: String,
     },
+    /// A port of the node daemon's switch (no host interface).
+    Switch {
+        /// Switch name.
+        switch: String,
+    },
 }
 
 impl PortState {
-    /// The interface vhost-pump attaches to.
+    /// The interface vhost-pump attaches to (the switch's name for a switch port).
     pub fn name(&self) -> &str {
         match self {
             PortState::Tap { name, .. }
             | PortState::Macvlan { name, .. }
             | PortState::Existing { name } => name,
+            PortState::Switch { switch } => switch,
         }
     }
 }
