@@ -219,6 +219,16 @@ impl DaemonConfig {
     }
 }
 
+/// A port or switch name: 1 to 64 characters of `A-Z a-z 0-9 - _ .` (it appears in file
+/// names, logs and metric labels).
+pub fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 impl PortSpec {
     fn invalid(&self, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
@@ -229,13 +239,7 @@ impl PortSpec {
 
     /// Checks every field's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
+        if !name_ok(&self.name) {
             return Err(self.invalid("name must be 1-64 characters of [A-Za-z0-9._-]"));
         }
         let sock = self.socket.as_os_str().len();
@@ -285,8 +289,10 @@ impl PortSpec {
                 }
             }
             HostSpec::Switch(sw) => {
-                if sw.is_empty() || sw.len() > 64 {
-                    return Err(self.invalid("switch name must be 1 to 64 characters"));
+                if !name_ok(sw) {
+                    return Err(
+                        self.invalid("switch name must be 1-64 characters of [A-Za-z0-9._-]")
+                    );
                 }
                 crate::switch::check_vlans(self.vlan, &self.trunk).map_err(|m| self.invalid(m))?;
             }

@@ -518,15 +518,25 @@ impl PortRegistry {
             .into_iter()
             .map(|spec| (spec.name.clone(), self.add(spec)))
             .collect();
+        self.remember_started(&results, |names, _, ok| names.extend(ok));
+        results
+    }
+
+    /// Remembers the names that started in `results` (through `keep`), rewriting the state
+    /// file once.
+    fn remember_started(
+        &self,
+        results: &[(String, Result<(), PortError>)],
+        keep: impl FnOnce(&mut BTreeSet<String>, &mut BTreeSet<String>, Vec<String>),
+    ) {
         let ok: Vec<String> = results
             .iter()
             .filter(|(_, r)| r.is_ok())
             .map(|(n, _)| n.clone())
             .collect();
-        if let Err(e) = self.remember(|names| names.extend(ok)) {
+        if let Err(e) = self.remember_both(|ports, switches| keep(ports, switches, ok)) {
             tracing::error!(error = %e, "state file not rewritten");
         }
-        results
     }
 
     fn remember(&self, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), PortError> {
@@ -698,14 +708,7 @@ impl PortRegistry {
                 )
             })
             .collect();
-        let ok: Vec<String> = results
-            .iter()
-            .filter(|(_, r)| r.is_ok())
-            .map(|(n, _)| n.clone())
-            .collect();
-        if let Err(e) = self.remember_both(|_, switches| switches.extend(ok)) {
-            tracing::error!(error = %e, "state file not rewritten");
-        }
+        self.remember_started(&results, |_, switches, ok| switches.extend(ok));
         results
     }
 }

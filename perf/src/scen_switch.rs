@@ -2,7 +2,9 @@
 //! are the guests, each with one virtio-user port and a fixed MAC: the receiver first sends a
 //! few frames (so a learning switch knows where it is), then counts in `rxonly`; the sender
 //! runs `txonly` to the receiver's MAC. The figure is what the receiver counted per second.
-//! Both frontends poll the same core (the frontend core), the backend has the other.
+//! Both frontends poll the same core (the frontend core), the backend has the other; so that
+//! the receiver's turns on that core do not decide the figure, rings are 4096 entries deep (a
+//! 1024-entry ring fills while the sender has the core, and every backend then drops alike).
 //!
 //! Backends, same run, same pinning:
 //! - `vhost-pump-switch`: one daemon, both ports on its userspace switch (`[[switch]]`);
@@ -30,6 +32,8 @@ const NS: &str = "switch";
 const MACS: [&str; 2] = ["02:70:73:00:00:01", "02:70:73:00:00:02"];
 const TAPS: [&str; 2] = ["vpsw0", "vpsw1"];
 const BRIDGE: &str = "vpswbr";
+/// Ring size of both guests.
+const RING: u32 = 4096;
 
 /// Records this scenario produces.
 pub fn planned(opts: &RunOpts) -> u64 {
@@ -131,7 +135,8 @@ fn start_backend(lab: &Lab, ns: &Netns, backend: &str) -> Result<Backend> {
             format!("{{ kind = \"tap\", name = \"{}\" }}", TAPS[i])
         };
         conf += &format!(
-            "[[port]]\nname = \"p{i}\"\nsocket = \"{}\"\nhost = {host}\nmac = \"{}\"\n\n",
+            "[[port]]\nname = \"p{i}\"\nsocket = \"{}\"\nhost = {host}\nmac = \"{}\"\n\
+             queue_size = {RING}\n\n",
             socks[i].display(),
             MACS[i]
         );
@@ -176,13 +181,14 @@ fn start_frontend(lab: &Lab, ns: &Netns, i: usize) -> Result<Testpmd> {
         lcores,
         main_lcore: main,
         vdevs: vec![format!(
-            "net_virtio_user0,path={},queues=1,queue_size=1024,mrg_rxbuf=1,in_order=1,mac={}",
+            "net_virtio_user0,path={},queues=1,queue_size={RING},mrg_rxbuf=1,in_order=1,mac={}",
             sockets(lab)[i].display(),
             MACS[i]
         )],
         app_args: vec![
             "--forward-mode=rxonly".into(),
             "--nb-cores=1".into(),
+            format!("--rxd={RING}"),
             "--burst=32".into(),
             "--total-num-mbufs=65536".into(),
             "--mbuf-size=2176".into(),

@@ -175,14 +175,8 @@ impl SwitchSpec {
 
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), SwitchError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err(self.invalid("name must be 1 to 64 of A-Z a-z 0-9 - _ ."));
+        if !crate::config::name_ok(&self.name) {
+            return Err(self.invalid("name must be 1-64 characters of [A-Za-z0-9._-]"));
         }
         if !(1..=1 << 20).contains(&self.fdb_max) {
             return Err(self.invalid("fdb_max must be 1 to 1048576"));
