@@ -308,6 +308,38 @@ impl<'a> IovWriter<'a> {
     }
 }
 
+impl IovWriter<'_> {
+    /// Copies the next `n` bytes of `r` straight into these iovecs (one copy, no buffer in
+    /// between); returns false if either side ran out first.
+    ///
+    /// # Safety
+    /// The writer's iovecs must be valid for writes and the reader's for reads, for their whole
+    /// lengths, and must not overlap.
+    pub unsafe fn put_from(&mut self, r: &mut IovReader<'_>, mut n: usize) -> bool {
+        while n > 0 {
+            let Some(v) = self.iov.get(self.idx) else {
+                return false;
+            };
+            let room = v.iov_len - self.off;
+            if room == 0 {
+                self.idx += 1;
+                self.off = 0;
+                continue;
+            }
+            let k = room.min(n);
+            // SAFETY: `off + k` stays within this iovec, which the caller vouches for; the
+            // reader's iovecs do not overlap it.
+            let got = unsafe { r.read_raw(v.iov_base.cast::<u8>().add(self.off), k) };
+            self.off += got;
+            n -= got;
+            if got < k {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Reads consecutive byte runs out of a list of iovecs.
 pub struct IovReader<'a> {
     iov: &'a [libc::iovec],

@@ -3,7 +3,9 @@
 //! or not), and the copy from the sender's iovecs into a receiver's buffer that pushes or pops
 //! the tag and fixes the virtio-net header's offsets to match.
 
-use crate::frame::{IovReader, VnetHdr, ETH_HLEN, F_NEEDS_CSUM, VLAN_HLEN, VNET_HDR_LEN};
+use crate::frame::{
+    IovReader, IovWriter, VnetHdr, ETH_HLEN, F_NEEDS_CSUM, VLAN_HLEN, VNET_HDR_LEN,
+};
 
 use super::fdb::Mac;
 
@@ -98,6 +100,45 @@ impl VlanMode {
     }
 }
 
+/// What a receiver's guest gets as the virtio-net header of a frame copied straight into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxHeader {
+    /// This header; the frame is copied as it is (tag edits aside).
+    Direct(VnetHdr),
+    /// The guest cannot take the frame's segmentation offload: drop it.
+    Refused,
+    /// The checksum must be completed in software first (a guest without checksum offload):
+    /// not on the direct path.
+    Complete,
+}
+
+/// The header for frame `f` going to a receiver with `offloads`, before the tag edits
+/// [`write_edited`] makes: like [`crate::frame::prepare_rx`], without touching the frame.
+pub fn rx_header(f: &super::Frame, o: vhost_net_backend::GuestOffloads) -> RxHeader {
+    use crate::frame::{F_DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+    let mut h = f.hdr;
+    let ok = match h.gso_type & !GSO_ECN {
+        GSO_NONE => true,
+        GSO_TCPV4 => o.tso4,
+        GSO_TCPV6 => o.tso6,
+        GSO_UDP_L4 => o.uso4 || o.uso6,
+        _ => false,
+    };
+    if !ok {
+        return RxHeader::Refused;
+    }
+    if h.flags & F_NEEDS_CSUM != 0 && !o.csum {
+        return RxHeader::Complete;
+    }
+    if h.gso_type & GSO_ECN != 0 && !o.tso_ecn {
+        h.gso_type &= !GSO_ECN;
+    }
+    if !o.csum {
+        h.flags &= !F_DATA_VALID;
+    }
+    RxHeader::Direct(h)
+}
+
 /// Why a frame could not be copied for a receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EditError {
@@ -107,63 +148,14 @@ pub enum EditError {
     Runt,
 }
 
-/// Copies a frame of `frame_len` bytes (after a virtio-net header the reader has already
-/// passed) into `out` as `[10-byte virtio_net_hdr][frame]`, tagging it with `vid` when `tag_out`
-/// and removing its tag when it had one (`tagged_in`) and must leave untagged. The header's
-/// `csum_start` and `hdr_len` move with the bytes before them.
-///
-/// # Safety
-/// The reader's iovecs must be valid for reads for their whole length.
-pub unsafe fn copy_edited(
-    reader: &mut IovReader<'_>,
-    mut hdr: VnetHdr,
-    frame_len: usize,
-    tagged_in: bool,
-    tag_out: Option<u16>,
-    out: &mut Vec<u8>,
-) -> Result<VnetHdr, EditError> {
-    if frame_len < ETH_HLEN || (tagged_in && frame_len < ETH_HLEN + VLAN_HLEN) {
-        return Err(EditError::Runt);
-    }
-    let delta: isize = match (tagged_in, tag_out.is_some()) {
+/// The header a receiver gets for a frame edited by `tagged_in` → `tag_out`: `csum_start` and
+/// `hdr_len` move with the bytes before them; and the length change.
+fn edited_header(mut hdr: VnetHdr, tagged_in: bool, tag_out: bool) -> (VnetHdr, isize) {
+    let delta: isize = match (tagged_in, tag_out) {
         (true, false) => -(VLAN_HLEN as isize),
         (false, true) => VLAN_HLEN as isize,
         _ => 0,
     };
-    let out_len = frame_len.saturating_add_signed(delta);
-    out.clear();
-    out.resize(VNET_HDR_LEN + out_len, 0);
-    let body = &mut out[VNET_HDR_LEN..];
-    let mut at = 0;
-    let mut take = |dst: &mut [u8]| -> Result<(), EditError> {
-        // SAFETY: the caller vouches for the reader's iovecs; `dst` is ours.
-        let n = unsafe { reader.read(dst) };
-        if n == dst.len() {
-            Ok(())
-        } else {
-            Err(EditError::Short)
-        }
-    };
-    take(&mut body[..12])?;
-    at += 12;
-    let mut rest = frame_len - 12;
-    if tagged_in {
-        let mut old = [0u8; VLAN_HLEN];
-        take(&mut old)?;
-        rest -= VLAN_HLEN;
-        if let Some(vid) = tag_out {
-            // Keep the priority bits, set the VLAN.
-            let tci = (u16::from_be_bytes([old[2], old[3]]) & 0xf000) | (vid & 0x0fff);
-            body[at..at + 2].copy_from_slice(&TPID_8021Q.to_be_bytes());
-            body[at + 2..at + 4].copy_from_slice(&tci.to_be_bytes());
-            at += VLAN_HLEN;
-        }
-    } else if let Some(vid) = tag_out {
-        body[at..at + 2].copy_from_slice(&TPID_8021Q.to_be_bytes());
-        body[at + 2..at + 4].copy_from_slice(&(vid & 0x0fff).to_be_bytes());
-        at += VLAN_HLEN;
-    }
-    take(&mut body[at..at + rest])?;
     if delta != 0 {
         let shift = |v: u16| u16::try_from((v as isize + delta).max(0)).unwrap_or(u16::MAX);
         if hdr.flags & F_NEEDS_CSUM != 0 {
@@ -173,7 +165,106 @@ pub unsafe fn copy_edited(
             hdr.hdr_len = shift(hdr.hdr_len);
         }
     }
-    Ok(hdr)
+    (hdr, delta)
+}
+
+/// Writes a frame of `frame_len` bytes (after a virtio-net header the reader has already
+/// passed) to `w` as `[virtio_net_hdr][frame]`: `hdr` (edited, see below) padded with zeros to
+/// `hdr_len` bytes, then the frame copied straight from the reader, tagged with `vid` when
+/// `tag_out` and with its tag removed when it had one (`tagged_in`) and must leave untagged.
+/// The header's `csum_start` and `hdr_len` move with the bytes before them. Returns the length
+/// written.
+///
+/// # Safety
+/// The reader's iovecs must be valid for reads and the writer's for writes, for their whole
+/// lengths, and must not overlap.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn write_edited(
+    reader: &mut IovReader<'_>,
+    hdr: VnetHdr,
+    frame_len: usize,
+    tagged_in: bool,
+    tag_out: Option<u16>,
+    hdr_len: usize,
+    w: &mut IovWriter<'_>,
+) -> Result<usize, EditError> {
+    if frame_len < ETH_HLEN || (tagged_in && frame_len < ETH_HLEN + VLAN_HLEN) {
+        return Err(EditError::Runt);
+    }
+    let (hdr, delta) = edited_header(hdr, tagged_in, tag_out.is_some());
+    let pad = [0u8; 2];
+    let mut macs = [0u8; 12];
+    let mut old = [0u8; VLAN_HLEN];
+    // SAFETY: the caller vouches for both sides' iovecs; the small arrays are ours.
+    unsafe {
+        if !(w.put(&hdr.to_bytes()) && w.put(&pad[..hdr_len.saturating_sub(VNET_HDR_LEN).min(2)])) {
+            return Err(EditError::Short);
+        }
+        if reader.read(&mut macs) != 12 || !w.put(&macs) {
+            return Err(EditError::Short);
+        }
+        let mut rest = frame_len - 12;
+        if tagged_in {
+            if reader.read(&mut old) != VLAN_HLEN {
+                return Err(EditError::Short);
+            }
+            rest -= VLAN_HLEN;
+        }
+        if let Some(vid) = tag_out {
+            // Keep the priority bits of a tag the frame had, set the VLAN.
+            let pcp = if tagged_in {
+                u16::from_be_bytes([old[2], old[3]]) & 0xf000
+            } else {
+                0
+            };
+            let tci = pcp | (vid & 0x0fff);
+            let t = TPID_8021Q.to_be_bytes();
+            let c = tci.to_be_bytes();
+            if !w.put(&[t[0], t[1], c[0], c[1]]) {
+                return Err(EditError::Short);
+            }
+        }
+        if !w.put_from(reader, rest) {
+            return Err(EditError::Short);
+        }
+    }
+    Ok(hdr_len.clamp(VNET_HDR_LEN, VNET_HDR_LEN + 2) + frame_len.saturating_add_signed(delta))
+}
+
+/// [`write_edited`] into `out`, as `[10-byte virtio_net_hdr][frame]` (the inbox format);
+/// returns the edited header.
+///
+/// # Safety
+/// The reader's iovecs must be valid for reads for their whole length.
+pub unsafe fn copy_edited(
+    reader: &mut IovReader<'_>,
+    hdr: VnetHdr,
+    frame_len: usize,
+    tagged_in: bool,
+    tag_out: Option<u16>,
+    out: &mut Vec<u8>,
+) -> Result<VnetHdr, EditError> {
+    let (edited, delta) = edited_header(hdr, tagged_in, tag_out.is_some());
+    out.clear();
+    out.resize(VNET_HDR_LEN + frame_len.saturating_add_signed(delta), 0);
+    let iov = [libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: out.len(),
+    }];
+    let mut w = IovWriter::new(&iov);
+    // SAFETY: `iov` covers `out`, ours; the caller vouches for the reader.
+    unsafe {
+        write_edited(
+            reader,
+            hdr,
+            frame_len,
+            tagged_in,
+            tag_out,
+            VNET_HDR_LEN,
+            &mut w,
+        )
+    }?;
+    Ok(edited)
 }
 
 #[cfg(test)]

@@ -35,9 +35,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use self::fdb::{Fdb, FdbEntry, Learned};
-use self::frame_edit::{copy_edited, is_group, EditError, EthInfo, VlanMode, MAX_VLAN};
+use self::frame_edit::{copy_edited, is_group, write_edited, EthInfo, VlanMode, MAX_VLAN};
 use self::port::{Inbox, RxSettings};
-use crate::frame::{prepare_rx, prepare_tx, IovReader, VnetHdr, ETH_HLEN, VLAN_HLEN, VNET_HDR_LEN};
+use crate::frame::{
+    prepare_rx, prepare_tx, IovReader, IovWriter, VnetHdr, ETH_HLEN, VLAN_HLEN, VNET_HDR_LEN,
+};
 
 /// Default bound of the forwarding table.
 pub const DEFAULT_FDB_MAX: usize = 8192;
@@ -303,16 +305,19 @@ impl Member {
         *self.device.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::downgrade(d));
     }
 
-    /// Delivers what waits in the inbox to the port's guest from this thread, if the port's
-    /// worker is free (otherwise its own thread, woken by the inbox, does it).
-    pub fn deliver_now(&self) {
-        let d = self
-            .device
+    /// The port's device, while it lives.
+    fn device(&self) -> Option<Arc<vhost_net_backend::NetBackend>> {
+        self.device
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .and_then(std::sync::Weak::upgrade);
-        if let Some(d) = d {
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Delivers what waits in the inbox to the port's guest from this thread, if the port's
+    /// worker is free (otherwise its own thread, woken by the inbox, does it).
+    pub fn deliver_now(&self) {
+        if let Some(d) = self.device() {
             d.poll_rx(0);
         }
     }
@@ -458,22 +463,21 @@ impl Switch {
             .collect()
     }
 
-    /// Forwards one frame from member `from`, read from `iov` (a virtio-net header of
-    /// `hdr_len` bytes first). Returns the length taken, or `InvalidInput` for a frame the
-    /// switch refuses outright (malformed, bad source, wrong VLAN); frames accepted and then
-    /// dropped for a receiver's sake are counted, not reported.
+    /// Decides where one frame from member `from` goes, read from `iov` (a virtio-net header
+    /// of `hdr_len` bytes first): learns its source and calls `each` with every receiver
+    /// (none when it is dropped for storm control or would go back to `from`). Returns the
+    /// frame, or `InvalidInput` for a frame the switch refuses outright (malformed, bad
+    /// source, wrong VLAN), counted on `from`.
     ///
     /// # Safety
     /// Every entry of `iov` must be valid for reads for its whole length.
-    /// Members that were given frames are added to `touched` (once each), for the caller to
-    /// [`Member::deliver_now`] after its burst.
-    pub unsafe fn forward(
+    pub unsafe fn decide(
         &self,
         from: &Member,
         iov: &[libc::iovec],
         hdr_len: usize,
-        touched: &mut Vec<Arc<Member>>,
-    ) -> io::Result<usize> {
+        mut each: impl FnMut(&Arc<Member>),
+    ) -> io::Result<Frame> {
         let c = &from.counters;
         let total = crate::frame::iov_len(iov);
         let refuse = |counter: &AtomicU64| {
@@ -524,18 +528,15 @@ impl Switch {
         } else {
             self.fdb.lookup(vid, &eth.dst, now)
         };
-        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
-        let mut deliver = |m: &Arc<Member>| {
-            let mut rd = IovReader::new(iov);
-            // SAFETY: as above.
-            unsafe { rd.read_raw(std::ptr::null_mut(), hdr_len) };
-            // SAFETY: as above.
-            let queued =
-                unsafe { self.deliver(m, &mut rd, hdr, frame_len, eth.tag.is_some(), vid) };
-            if queued && !touched.iter().any(|t| t.id == m.id) {
-                touched.push(m.clone());
-            }
+        let frame = Frame {
+            total,
+            hdr_len,
+            hdr,
+            frame_len,
+            tagged_in: eth.tag.is_some(),
+            vid,
         };
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
         match to {
             Some(id) if id == from.id => {
                 c.drop_same_member.fetch_add(1, Relaxed);
@@ -543,7 +544,7 @@ impl Switch {
             Some(id) if members.iter().any(|m| m.id == id) => {
                 if let Some(m) = members.iter().find(|m| m.id == id) {
                     c.forwarded.fetch_add(1, Relaxed);
-                    deliver(m);
+                    each(m);
                 }
             }
             _ => {
@@ -555,42 +556,152 @@ impl Switch {
                         .iter()
                         .filter(|m| m.id != from.id && m.vlan.carries(vid))
                     {
-                        deliver(m);
+                        each(m);
                     }
                 }
             }
         }
-        Ok(total)
+        Ok(frame)
     }
 
-    /// Copies one frame into `to`'s inbox, edited for it; true when it was queued.
+    /// Forwards one frame from member `from` at once, through the receivers' inboxes (see
+    /// [`Switch::decide`]); receivers given frames are added to `touched` (once each), for the
+    /// caller to [`Member::deliver_now`] after its burst. Returns the length taken.
     ///
     /// # Safety
-    /// The reader's iovecs must be valid for reads.
-    unsafe fn deliver(
+    /// Every entry of `iov` must be valid for reads for its whole length.
+    pub unsafe fn forward(
+        &self,
+        from: &Member,
+        iov: &[libc::iovec],
+        hdr_len: usize,
+        touched: &mut Vec<Arc<Member>>,
+    ) -> io::Result<usize> {
+        let mut to: Vec<Arc<Member>> = Vec::new();
+        // SAFETY: the caller vouches for `iov`.
+        let f = unsafe { self.decide(from, iov, hdr_len, |m| to.push(m.clone())) }?;
+        for m in to {
+            // SAFETY: as above.
+            if unsafe { self.deliver(&m, iov, &f, true) } && !touched.iter().any(|t| t.id == m.id) {
+                touched.push(m);
+            }
+        }
+        Ok(f.total)
+    }
+
+    /// Delivers frames staged by a sender (`frames[i]` read from `iovs[frames[i].iov]`) to
+    /// `to`: straight from the sender's buffers into the receiver's guest RX buffers, one
+    /// copy, when its worker is free and nothing older waits in its inbox; through the inbox
+    /// for the rest (a busy worker, a guest out of buffers, a checksum to complete in
+    /// software), with its worker then asked to take them.
+    ///
+    /// # Safety
+    /// The iovecs of the staged frames must be valid for reads for their whole length.
+    pub unsafe fn deliver_staged(
         &self,
         to: &Member,
-        reader: &mut IovReader<'_>,
-        hdr: VnetHdr,
-        frame_len: usize,
-        tagged_in: bool,
-        vid: u16,
-    ) -> bool {
+        staged: &[(std::ops::Range<usize>, Frame)],
+        iovs: &[libc::iovec],
+        which: &[u32],
+    ) {
+        let c = &to.counters;
+        if !to.rx.running.load(Relaxed) {
+            c.drop_not_running.fetch_add(which.len() as u64, Relaxed);
+            return;
+        }
+        let mut next = 0;
+        if to.inbox.is_empty() {
+            if let Some(dev) = to.device() {
+                let offloads = to.rx.offloads();
+                let hdr_len = to.rx.hdr_len();
+                let tags = to.vlan.tags();
+                let mut src = |out: &[libc::iovec]| -> io::Result<usize> {
+                    while let Some(&i) = which.get(next) {
+                        let (range, f) = &staged[i as usize];
+                        let h = match frame_edit::rx_header(f, offloads) {
+                            frame_edit::RxHeader::Direct(h) => h,
+                            frame_edit::RxHeader::Refused => {
+                                c.drop_offload.fetch_add(1, Relaxed);
+                                next += 1;
+                                continue;
+                            }
+                            // Software checksum: this frame and the rest go through the inbox.
+                            frame_edit::RxHeader::Complete => break,
+                        };
+                        next += 1;
+                        let mut r = IovReader::new(&iovs[range.clone()]);
+                        let mut w = IovWriter::new(out);
+                        // SAFETY: the caller vouches for the sender's iovecs; the worker hands
+                        // over its guest's RX buffers for this call; they are different guests'
+                        // memory, or different buffers of one.
+                        let written = unsafe {
+                            r.read_raw(std::ptr::null_mut(), f.hdr_len);
+                            write_edited(
+                                &mut r,
+                                h,
+                                f.frame_len,
+                                f.tagged_in,
+                                tags.then_some(f.vid),
+                                hdr_len,
+                                &mut w,
+                            )
+                        };
+                        return match written {
+                            Ok(n) => {
+                                c.received.fetch_add(1, Relaxed);
+                                Ok(n)
+                            }
+                            Err(_) => Err(io::ErrorKind::InvalidInput.into()),
+                        };
+                    }
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+                dev.deliver_with(0, &mut src);
+            }
+        }
+        if next == which.len() {
+            return;
+        }
+        for &i in &which[next..] {
+            let (range, f) = &staged[i as usize];
+            // SAFETY: as above.
+            unsafe { self.deliver(to, &iovs[range.clone()], f, false) };
+        }
+        to.deliver_now();
+        if !to.inbox.is_empty() {
+            to.inbox.signal();
+        }
+    }
+
+    /// Copies one frame (`f`, read from `iov`) into `to`'s inbox, edited for it; true when
+    /// it was queued. With `wake`, an inbox that was empty signals its eventfd.
+    ///
+    /// # Safety
+    /// Every entry of `iov` must be valid for reads for its whole length.
+    unsafe fn deliver(&self, to: &Member, iov: &[libc::iovec], f: &Frame, wake: bool) -> bool {
         let c = &to.counters;
         if !to.rx.running.load(Relaxed) {
             c.drop_not_running.fetch_add(1, Relaxed);
             return false;
         }
         let mut buf = to.inbox.buffer();
-        let tag_out = to.vlan.tags().then_some(vid);
-        // SAFETY: the caller vouches for the reader.
-        let edited = unsafe { copy_edited(reader, hdr, frame_len, tagged_in, tag_out, &mut buf) };
-        let mut h = match edited {
-            Ok(h) => h,
-            Err(EditError::Short | EditError::Runt) => {
-                to.inbox.give_back(buf);
-                return false;
-            }
+        let tag_out = to.vlan.tags().then_some(f.vid);
+        let mut reader = IovReader::new(iov);
+        // SAFETY: the caller vouches for `iov`.
+        let edited = unsafe {
+            reader.read_raw(std::ptr::null_mut(), f.hdr_len);
+            copy_edited(
+                &mut reader,
+                f.hdr,
+                f.frame_len,
+                f.tagged_in,
+                tag_out,
+                &mut buf,
+            )
+        };
+        let Ok(mut h) = edited else {
+            to.inbox.give_back(buf);
+            return false;
         };
         if prepare_rx(&mut h, &mut buf[VNET_HDR_LEN..], to.rx.offloads(), false).is_err() {
             c.drop_offload.fetch_add(1, Relaxed);
@@ -598,7 +709,7 @@ impl Switch {
             return false;
         }
         buf[..VNET_HDR_LEN].copy_from_slice(&h.to_bytes());
-        match to.inbox.push(buf) {
+        match to.inbox.push(buf, wake) {
             Ok(()) => {
                 c.received.fetch_add(1, Relaxed);
                 true
@@ -610,6 +721,23 @@ impl Switch {
             }
         }
     }
+}
+
+/// One frame as forwarding sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    /// Bytes taken from the sender, header included.
+    pub total: usize,
+    /// The sender's virtio-net header length.
+    pub hdr_len: usize,
+    /// The sender's virtio-net header.
+    pub hdr: VnetHdr,
+    /// Ethernet frame length.
+    pub frame_len: usize,
+    /// The frame carries an 802.1Q tag.
+    pub tagged_in: bool,
+    /// Its VLAN.
+    pub vid: u16,
 }
 
 /// A forwarding table entry as `ctl fdb` shows it.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Member, Switch};
+use super::{Frame, Member, Switch};
 use crate::frame::{IovWriter, VNET_HDR_LEN};
 
 /// Most frames waiting in one inbox.
@@ -57,8 +57,15 @@ impl Inbox {
         self.lock().spare.pop().unwrap_or_default()
     }
 
-    /// Queues `frame`; gives it back when the inbox is full.
-    pub fn push(&self, frame: Vec<u8>) -> Result<(), Vec<u8>> {
+    /// Signals the eventfd (the receiver's thread wakes and takes what waits).
+    pub fn signal(&self) {
+        // Cannot fail short of a counter overflow; a missed wake-up is caught by the next.
+        let _ = self.event.write(1);
+    }
+
+    /// Queues `frame`; gives it back when the inbox is full. With `wake`, an inbox that was
+    /// empty signals its eventfd; without, the caller delivers or signals itself.
+    pub fn push(&self, frame: Vec<u8>, wake: bool) -> Result<(), Vec<u8>> {
         let was_empty = {
             let mut q = self.lock();
             if q.frames.len() >= INBOX_FRAMES || q.bytes + frame.len() > INBOX_BYTES {
@@ -68,9 +75,8 @@ impl Inbox {
             q.frames.push_back(frame);
             q.frames.len() == 1
         };
-        if was_empty {
-            // Cannot fail short of a counter overflow; a missed wake-up is caught by the next.
-            let _ = self.event.write(1);
+        if was_empty && wake {
+            self.signal();
         }
         Ok(())
     }
@@ -227,7 +233,9 @@ impl HostPort for SwitchPort {
             member: self.member.clone(),
             idle,
             hdr_len: self.member.rx.hdr_len(),
-            touched: Vec::new(),
+            staged: Vec::new(),
+            iovs: Vec::new(),
+            targets: Vec::new(),
         }))
     }
 }
@@ -239,9 +247,17 @@ pub struct SwitchQueue {
     /// For queue pairs other than 0: an eventfd that never fires.
     idle: Option<EventFd>,
     hdr_len: usize,
-    /// Members given frames in the current burst.
-    touched: Vec<Arc<Member>>,
+    /// The burst's frames, each with its range in `iovs`: pointers into the guest's TX
+    /// buffers, valid until `flush` returns (see [`HostQueue::flush_before_release`]).
+    staged: Vec<(std::ops::Range<usize>, Frame)>,
+    iovs: Vec<libc::iovec>,
+    /// Each receiver of the burst with the indexes of its frames in `staged`, in order.
+    targets: Vec<(Arc<Member>, Vec<u32>)>,
 }
+
+// SAFETY: `iovs` only holds pointers into guest memory during one TX burst (from `send` to the
+// end of `flush`, which clears it); everything else is Send.
+unsafe impl Send for SwitchQueue {}
 
 impl Drop for SwitchQueue {
     fn drop(&mut self) {
@@ -289,20 +305,42 @@ impl HostQueue for SwitchQueue {
         if self.hdr_len != self.member.rx.hdr_len() {
             self.hdr_len = self.member.rx.hdr_len();
         }
-        // SAFETY: the worker hands us readable guest buffers for the duration of the call.
-        unsafe {
-            self.switch
-                .forward(&self.member, iov, self.hdr_len, &mut self.touched)
-        }
+        let index = self.staged.len() as u32;
+        let targets = &mut self.targets;
+        // SAFETY: the worker hands us readable guest buffers, which stay the device's until
+        // our `flush` returns (`flush_before_release`).
+        let f = unsafe {
+            self.switch.decide(&self.member, iov, self.hdr_len, |m| {
+                match targets.iter_mut().find(|(t, _)| t.id == m.id) {
+                    Some((_, v)) => v.push(index),
+                    None => targets.push((m.clone(), vec![index])),
+                }
+            })
+        }?;
+        let start = self.iovs.len();
+        self.iovs.extend_from_slice(iov);
+        self.staged.push((start..self.iovs.len(), f));
+        Ok(f.total)
     }
 
     fn flush(&mut self) -> vhost_net_backend::TxDrops {
-        // The burst's frames are in the receivers' inboxes: hand them to their guests from
-        // here, one pass per receiver, instead of waking each receiver's thread.
-        for m in self.touched.drain(..) {
-            m.deliver_now();
+        // The burst's frames go to each receiver in one pass, straight into its guest when it
+        // can take them now.
+        for (m, which) in self.targets.drain(..) {
+            // SAFETY: the staged iovecs point into this guest's TX buffers, still the device's
+            // until this flush returns.
+            unsafe {
+                self.switch
+                    .deliver_staged(&m, &self.staged, &self.iovs, &which)
+            };
         }
+        self.staged.clear();
+        self.iovs.clear();
         vhost_net_backend::TxDrops::default()
+    }
+
+    fn flush_before_release(&self) -> bool {
+        true
     }
 
     fn set_active(&mut self, active: bool) {

@@ -192,6 +192,23 @@ impl NetBackend {
         true
     }
 
+    /// Places frames `src` writes into queue pair `pair`'s guest RX buffers from the calling
+    /// thread (see [`crate::port::RxSourceFn`]), unless that pair's worker is busy: then
+    /// returns false and nothing was taken from `src`. For a switch copying frames straight
+    /// from one guest's TX buffers into another's RX buffers.
+    pub fn deliver_with(&self, pair: usize, src: &mut crate::port::RxSourceFn<'_>) -> bool {
+        let Some(w) = self.workers.get(pair) else {
+            return false;
+        };
+        let mut w = match w.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        w.rx_from(src);
+        true
+    }
+
     fn worker(&self, pair: usize) -> Option<MutexGuard<'_, QueuePairWorker>> {
         // A poisoned lock means a worker panicked mid-frame; its state is still structurally
         // valid (held buffers are re-derived from the ring), so keep serving.

@@ -31,5 +31,5 @@ pub mod worker;
 pub use backend::{Announced, BackendError, NetBackend};
 pub use config::{MacAddr, NetConfig};
 pub use features::{GuestOffloads, HostCapabilities};
-pub use port::{HostPort, HostQueue, TxDrops, MAX_IOVECS};
+pub use port::{HostPort, HostQueue, RxSourceFn, TxDrops, MAX_IOVECS};
 pub use stats::{DropReason, QueueStats};

@@ -63,7 +63,22 @@ pub trait HostQueue: Send {
     /// ends (the device was reset). Ports that queue frames for the guest themselves drop them
     /// while no session runs. Default: nothing.
     fn set_active(&mut self, _active: bool) {}
+
+    /// True when [`HostQueue::flush`] must run while the burst's TX buffers are still the
+    /// device's (before the guest gets them back), because `send` kept pointers into them and
+    /// `flush` reads them (a switch that copies frames straight into another guest). The iovecs
+    /// `send` was given stay valid until `flush` returns. Default: false (the guest gets its
+    /// buffers back first, and `send` must not keep them).
+    fn flush_before_release(&self) -> bool {
+        false
+    }
 }
+
+/// Where [`crate::NetBackend::deliver_with`] takes frames from: called with the guest RX
+/// buffers of one frame (at most [`HostQueue::max_iovecs`] iovecs), it writes one frame,
+/// virtio-net header first, and returns its length, or `WouldBlock` when it has no more.
+/// Returning `InvalidInput` drops a frame that did not fit (the buffers are reused).
+pub type RxSourceFn<'a> = dyn FnMut(&[libc::iovec]) -> io::Result<usize> + 'a;
 
 /// Frames a [`HostQueue`] accepted in `send` and dropped later, in `flush`, by cause.
 /// Bytes are Ethernet frame bytes, without the virtio-net header.

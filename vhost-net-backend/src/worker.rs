@@ -170,10 +170,31 @@ impl QueuePairWorker {
         self.port.set_active(true);
     }
 
+    /// Places frames `src` writes into the guest's RX buffers, from the calling thread, until
+    /// `src` has no more or the guest has no room: for frames another thread of this process
+    /// holds (a switch copying straight from one guest into another). Does nothing before the
+    /// worker has run once in this session (it does not know the rings yet).
+    pub fn rx_from(&mut self, src: &mut crate::port::RxSourceFn<'_>) {
+        let (Some(vrings), Some(mem)) = (
+            self.vrings.clone(),
+            self.mem.as_ref().map(|m| m.memory().into_inner()),
+        ) else {
+            return;
+        };
+        for _ in 0..64 {
+            if !self
+                .process_rx_from(&vrings[RX], &mem, Some(&mut *src))
+                .more
+            {
+                break;
+            }
+        }
+    }
+
     /// Delivers what the host queue holds for the guest now, from the calling thread: for a
     /// host queue fed by another thread of this process (a switch), which calls this after
     /// queueing frames instead of waking this worker's thread. Does nothing before the worker
-    /// has run once in this session (it does not know the rings yet).
+    /// has run once in this session.
     pub fn rx_now(&mut self) {
         let (Some(vrings), Some(mem)) = (
             self.vrings.clone(),
@@ -357,6 +378,14 @@ impl QueuePairWorker {
             }
         }
         self.tx = burst;
+        // A host queue that reads the burst's buffers in `flush` gets it before the guest gets
+        // them back.
+        let early = self.port.flush_before_release();
+        let late = if early {
+            self.port.flush()
+        } else {
+            crate::TxDrops::default()
+        };
         // The guest gets the burst's buffers back with one index update, before the flush
         // below spends its time in the kernel.
         if used.publish(q, mem.as_ref()).is_err() {
@@ -365,7 +394,7 @@ impl QueuePairWorker {
         }
         // One flush per burst; frames it still loses move from the sent to the dropped
         // counters.
-        let late = self.port.flush();
+        let late = if early { late } else { self.port.flush() };
         if !late.is_empty() {
             sent.frames = sent.frames.saturating_sub(late.rejected + late.failed);
             sent.bytes = sent
@@ -447,8 +476,19 @@ impl QueuePairWorker {
     }
 
     fn process_rx(&mut self, vring: &VringMutex, mem: &Arc<GuestMemoryMmap>) -> Pass {
+        self.process_rx_from(vring, mem, None)
+    }
+
+    /// Fills the guest's RX buffers from the host queue, or from `external` when given (frames
+    /// another thread of this process hands over, see [`QueuePairWorker::rx_from`]).
+    fn process_rx_from(
+        &mut self,
+        vring: &VringMutex,
+        mem: &Arc<GuestMemoryMmap>,
+        mut external: Option<&mut crate::port::RxSourceFn<'_>>,
+    ) -> Pass {
         let mut pass = Pass::default();
-        if !self.host_readable {
+        if external.is_none() && !self.host_readable {
             return pass;
         }
         let mut state = vring.get_mut();
@@ -495,9 +535,13 @@ impl QueuePairWorker {
                     }
                 }
             };
-            // SAFETY: the iovecs come from `RxBuffers`, which keeps the memory map they point
-            // into alive while it holds them.
-            match unsafe { self.port.recv(iov) } {
+            let got = match external.as_mut() {
+                Some(f) => f(iov),
+                // SAFETY: the iovecs come from `RxBuffers`, which keeps the memory map they
+                // point into alive while it holds them.
+                None => unsafe { self.port.recv(iov) },
+            };
+            match got {
                 // A longer frame than the buffers offered would be a host queue that truncates:
                 // never completed (that would hand the guest a cut frame), dropped like one
                 // that did not fit, and the buffers wait for the next frame.
@@ -519,7 +563,9 @@ impl QueuePairWorker {
                     taken += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.host_readable = false;
+                    if external.is_none() {
+                        self.host_readable = false;
+                    }
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
