@@ -13,6 +13,8 @@
 //! - `dpdk-vhost-io`: DPDK `testpmd` forwarding between two `net_vhost` ports (`io` mode,
 //!   polling the backend core; it does not learn, it forwards port to port).
 //!
+//! Then, both guests still attached and quiet, the backend's idle CPU.
+//!
 //! (testpmd's `flowgen` would send both ways from one process, but Debian 12's DPDK 22.11 sends
 //! it from a fixed MAC on every port, which no learning switch can follow.)
 
@@ -35,10 +37,10 @@ const BRIDGE: &str = "vpswbr";
 /// Ring size of both guests.
 const RING: u32 = 4096;
 
-/// Records this scenario produces.
+/// Records this scenario produces (one per size, and an idle figure, per backend).
 pub fn planned(opts: &RunOpts) -> u64 {
     let backends = BACKENDS.iter().filter(|b| wants(opts, b)).count() as u64;
-    backends * sizes(opts).len() as u64
+    backends * (sizes(opts).len() as u64 + 1)
 }
 
 fn wants(opts: &RunOpts, b: &str) -> bool {
@@ -262,6 +264,21 @@ fn run_backend(lab: &mut Lab, backend: &str) -> Result<()> {
             let _ = tx.stop_fwd();
         }
         r.commands = cmds;
+        lab.record(r);
+    }
+    // Idle: both guests attached, nothing sent.
+    if !sys::interrupted() {
+        lab.status(format!("switch {backend} idle"));
+        let mut r = Record::new("switch", "idle", backend, "-");
+        r.queues = 1;
+        r.duration_s = d.as_secs_f64();
+        std::thread::sleep(Duration::from_millis(300));
+        let u0 = Usage::now(&be.pids);
+        std::thread::sleep(d);
+        let u = Usage::now(&be.pids).since(&u0);
+        r.metric("backend_cpu_pct", u.cpu_pct);
+        r.metric("backend_wakeups_per_s", u.wakeups_per_s);
+        r.commands = setup.clone();
         lab.record(r);
     }
     tx.quit();
