@@ -1116,6 +1116,43 @@ mod tests {
     }
 
     #[test]
+    fn rx_from_an_external_source_fills_guest_buffers_until_they_run_out() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (16, 16), 1500, V1 | MRG);
+        let bufs: Vec<(u16, u64)> = (0..3).map(|_| p.rx.add_rx(1536)).collect();
+        // The worker learns its rings on its first run.
+        p.run(false);
+        let readable = p.worker.host_readable;
+        let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(12, 12 + 60 + i, i as u8)).collect();
+        let mut next = 0;
+        let mut src = |iov: &[libc::iovec]| -> io::Result<usize> {
+            let Some(f) = frames.get(next) else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            next += 1;
+            let mut at = 0;
+            for v in iov {
+                let n = v.iov_len.min(f.len() - at);
+                // SAFETY: the worker hands over writable guest buffers for this call.
+                unsafe { std::ptr::copy_nonoverlapping(f[at..].as_ptr(), v.iov_base.cast(), n) };
+                at += n;
+            }
+            Ok(f.len())
+        };
+        p.worker.rx_from(&mut src);
+        // Three buffers: three frames delivered, the source asked no more of.
+        assert_eq!(next, 3);
+        for (i, (_, buf)) in bufs.iter().enumerate() {
+            assert_eq!(p.rx.read(*buf + 12, 60 + i), frames[i][12..]);
+        }
+        assert_eq!(p.rx.all_used().len(), 3);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 3);
+        // The host queue was not read, and what the worker knows of it did not change.
+        assert!(p.host.state().recv_capacity.is_empty());
+        assert_eq!(p.worker.host_readable, readable);
+    }
+
+    #[test]
     fn rx_legacy_with_mrg_rxbuf_has_num_buffers() {
         let (gm, mem) = guest_memory();
         let mut p = pair(&gm, &mem, (16, 16), 1500, MRG);
