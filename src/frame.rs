@@ -93,6 +93,18 @@ fn l4_offset(frame: &[u8]) -> Option<usize> {
     }
 }
 
+/// True when a guest with offloads `o` takes frames of `gso_type` (no GSO, or a segmentation
+/// offload it negotiated).
+pub fn gso_ok(gso_type: u8, o: GuestOffloads) -> bool {
+    match gso_type & !GSO_ECN {
+        GSO_NONE => true,
+        GSO_TCPV4 => o.tso4,
+        GSO_TCPV6 => o.tso6,
+        GSO_UDP_L4 => o.uso4 || o.uso6,
+        _ => false,
+    }
+}
+
 /// Makes the header and frame acceptable to a guest with offloads `o`, in place: completes a
 /// partial checksum in software when the guest takes none, drops flags the guest did not
 /// negotiate, and moves the checksum offsets past a VLAN tag that will be reinserted before the
@@ -106,14 +118,7 @@ pub fn prepare_rx(
     o: GuestOffloads,
     vlan_inserted: bool,
 ) -> Result<(), RxRefusal> {
-    let ok = match h.gso_type & !GSO_ECN {
-        GSO_NONE => true,
-        GSO_TCPV4 => o.tso4,
-        GSO_TCPV6 => o.tso6,
-        GSO_UDP_L4 => o.uso4 || o.uso6,
-        _ => false,
-    };
-    if !ok {
+    if !gso_ok(h.gso_type, o) {
         return Err(RxRefusal::Gso);
     }
     if h.gso_type & GSO_ECN != 0 && !o.tso_ecn {
@@ -276,39 +281,40 @@ impl<'a> IovWriter<'a> {
         }
     }
 
+    /// Where the next byte goes and how many fit there, past exhausted iovecs; none at the
+    /// end.
+    fn chunk(&mut self) -> Option<(*mut u8, usize)> {
+        loop {
+            let v = self.iov.get(self.idx)?;
+            let room = v.iov_len - self.off;
+            if room > 0 {
+                // `off < iov_len`: the pointer stays within the iovec.
+                return Some((v.iov_base.cast::<u8>().wrapping_add(self.off), room));
+            }
+            self.idx += 1;
+            self.off = 0;
+        }
+    }
+
     /// Appends `src`; returns false (having written a prefix) if the iovecs are too short.
     ///
     /// # Safety
     /// Every iovec must be valid for writes for its whole length, and must not overlap `src`.
     pub unsafe fn put(&mut self, mut src: &[u8]) -> bool {
         while !src.is_empty() {
-            let Some(v) = self.iov.get(self.idx) else {
+            let Some((dst, room)) = self.chunk() else {
                 return false;
             };
-            let room = v.iov_len - self.off;
-            if room == 0 {
-                self.idx += 1;
-                self.off = 0;
-                continue;
-            }
             let n = room.min(src.len());
-            // SAFETY: the caller guarantees the iovec is writable for its length; `off + n`
-            // stays within it, and the source does not overlap it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src.as_ptr(),
-                    v.iov_base.cast::<u8>().add(self.off),
-                    n,
-                );
-            }
+            // SAFETY: `dst` has `room >= n` writable bytes (the caller vouches for the iovec)
+            // and the source does not overlap it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
             self.off += n;
             src = &src[n..];
         }
         true
     }
-}
 
-impl IovWriter<'_> {
     /// Copies the next `n` bytes of `r` straight into these iovecs (one copy, no buffer in
     /// between); returns false if either side ran out first.
     ///
@@ -317,19 +323,12 @@ impl IovWriter<'_> {
     /// lengths, and must not overlap.
     pub unsafe fn put_from(&mut self, r: &mut IovReader<'_>, mut n: usize) -> bool {
         while n > 0 {
-            let Some(v) = self.iov.get(self.idx) else {
+            let Some((dst, room)) = self.chunk() else {
                 return false;
             };
-            let room = v.iov_len - self.off;
-            if room == 0 {
-                self.idx += 1;
-                self.off = 0;
-                continue;
-            }
             let k = room.min(n);
-            // SAFETY: `off + k` stays within this iovec, which the caller vouches for; the
-            // reader's iovecs do not overlap it.
-            let got = unsafe { r.read_raw(v.iov_base.cast::<u8>().add(self.off), k) };
+            // SAFETY: `dst` has `room >= k` writable bytes; the caller vouches for both sides.
+            let got = unsafe { r.read_raw(dst, k) };
             self.off += got;
             n -= got;
             if got < k {

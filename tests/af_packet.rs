@@ -39,14 +39,7 @@ const HDR: usize = 12;
 /// Slots of the port's RX ring (`RX_RING` in src/af_packet/mod.rs).
 const RX_SLOTS: u64 = 8192;
 
-const ALL: GuestOffloads = GuestOffloads {
-    csum: true,
-    tso4: true,
-    tso6: true,
-    tso_ecn: true,
-    uso4: false,
-    uso6: false,
-};
+const ALL: GuestOffloads = GuestOffloads::TCP;
 
 /// A veth pair A <-> B in the current (private) namespace, both up.
 fn veth_pair() {

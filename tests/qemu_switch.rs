@@ -262,21 +262,7 @@ fn iperf_received_bytes(out: &str) -> Option<f64> {
 /// Every switch port's counters (the `"switch"` object of `ctl stats`), by port name.
 #[track_caller]
 fn switch_counters(control: &Path) -> BTreeMap<String, BTreeMap<String, u64>> {
-    let v = netns::ctl_json(control, &["stats"]);
-    v.as_array()
-        .unwrap_or_else(|| panic!("stats: {v}"))
-        .iter()
-        .filter(|p| p["switch"].is_object())
-        .map(|p| {
-            let c = p["switch"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
-                .collect();
-            (p["name"].as_str().unwrap_or_default().to_string(), c)
-        })
-        .collect()
+    netns::switch_counters(control)
 }
 
 /// The forwarding table of `sw` as `(vlan, mac, member)`.

@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -184,37 +183,14 @@ impl Switchd {
     /// `vhost-pump ctl ARGS` that answers nothing; fails the test when it fails.
     #[track_caller]
     fn ctl(&self, args: &[&str]) {
-        let out = Command::new(daemon_bin())
-            .args(["ctl", "--control", self.control.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        netns::ctl_ok(&self.control, args);
     }
 
     /// Every port's switch counters (the `"switch"` object of `ctl stats`), by port name,
     /// without the `switch` and `member` names.
     #[track_caller]
     fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        let v = self.json(&["stats"]);
-        v.as_array()
-            .unwrap_or_else(|| panic!("stats: {v}"))
-            .iter()
-            .filter(|p| p["switch"].is_object())
-            .map(|p| {
-                let c = p["switch"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
-                    .collect();
-                (p["name"].as_str().unwrap().to_string(), c)
-            })
-            .collect()
+        netns::switch_counters(&self.control)
     }
 
     /// Switch counter `name` of port `port`.

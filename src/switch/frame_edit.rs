@@ -115,16 +115,9 @@ pub enum RxHeader {
 /// The header for frame `f` going to a receiver with `offloads`, before the tag edits
 /// [`write_edited`] makes: like [`crate::frame::prepare_rx`], without touching the frame.
 pub fn rx_header(f: &super::Frame, o: vhost_net_backend::GuestOffloads) -> RxHeader {
-    use crate::frame::{F_DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+    use crate::frame::{gso_ok, F_DATA_VALID, GSO_ECN};
     let mut h = f.hdr;
-    let ok = match h.gso_type & !GSO_ECN {
-        GSO_NONE => true,
-        GSO_TCPV4 => o.tso4,
-        GSO_TCPV6 => o.tso6,
-        GSO_UDP_L4 => o.uso4 || o.uso6,
-        _ => false,
-    };
-    if !ok {
+    if !gso_ok(h.gso_type, o) {
         return RxHeader::Refused;
     }
     if h.flags & F_NEEDS_CSUM != 0 && !o.csum {

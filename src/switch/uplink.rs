@@ -35,14 +35,7 @@ pub struct Uplink {
 
 /// Offloads the uplink asks of its device: checksum and TCP segmentation offload, so a guest's
 /// TSO frame leaves unsegmented and the host's arrive whole.
-const OFFLOADS: GuestOffloads = GuestOffloads {
-    csum: true,
-    tso4: true,
-    tso6: true,
-    tso_ecn: true,
-    uso4: false,
-    uso6: false,
-};
+const OFFLOADS: GuestOffloads = GuestOffloads::TCP;
 
 impl Uplink {
     /// Opens the device, joins the switch and starts the thread.

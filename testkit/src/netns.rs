@@ -28,6 +28,13 @@ pub use crate::daemon_bin;
 /// test when the command fails.
 #[track_caller]
 pub fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_slice(&ctl_ok(control, args)).unwrap()
+}
+
+/// Runs `vhost-pump ctl --control CONTROL ARGS...` and returns what it printed; fails the
+/// test when the command fails.
+#[track_caller]
+pub fn ctl_ok(control: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new(daemon_bin())
         .args(["ctl", "--control", control.to_str().unwrap()])
         .args(args)
@@ -38,7 +45,30 @@ pub fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
         "ctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
+}
+
+/// Every switch port's counters (the `"switch"` object of `ctl stats`), by port name, without
+/// the `switch` and `member` names.
+#[track_caller]
+pub fn switch_counters(
+    control: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+    let v = ctl_json(control, &["stats"]);
+    v.as_array()
+        .unwrap_or_else(|| panic!("stats: {v}"))
+        .iter()
+        .filter(|p| p["switch"].is_object())
+        .map(|p| {
+            let c = p["switch"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
+                .collect();
+            (p["name"].as_str().unwrap_or_default().to_string(), c)
+        })
+        .collect()
 }
 
 /// Skips (or, under `CI=true`, fails) `test` when the namespace tests cannot run here; true

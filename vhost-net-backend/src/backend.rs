@@ -180,16 +180,16 @@ impl NetBackend {
     /// switch): a sender calls it once per burst, so switched frames reach the guest without
     /// waking another thread. Returns true when it ran.
     pub fn poll_rx(&self, pair: usize) -> bool {
-        let Some(w) = self.workers.get(pair) else {
-            return false;
-        };
-        let mut w = match w.try_lock() {
-            Ok(w) => w,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        w.rx_now();
-        true
+        self.try_worker(pair).map(|mut w| w.rx_now()).is_some()
+    }
+
+    /// Worker `pair`, unless another thread holds it (never waits).
+    fn try_worker(&self, pair: usize) -> Option<MutexGuard<'_, QueuePairWorker>> {
+        match self.workers.get(pair)?.try_lock() {
+            Ok(w) => Some(w),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Places frames `src` writes into queue pair `pair`'s guest RX buffers from the calling
@@ -197,16 +197,7 @@ impl NetBackend {
     /// returns false and nothing was taken from `src`. For a switch copying frames straight
     /// from one guest's TX buffers into another's RX buffers.
     pub fn deliver_with(&self, pair: usize, src: &mut crate::port::RxSourceFn<'_>) -> bool {
-        let Some(w) = self.workers.get(pair) else {
-            return false;
-        };
-        let mut w = match w.try_lock() {
-            Ok(w) => w,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        w.rx_from(src);
-        true
+        self.try_worker(pair).map(|mut w| w.rx_from(src)).is_some()
     }
 
     fn worker(&self, pair: usize) -> Option<MutexGuard<'_, QueuePairWorker>> {
@@ -686,14 +677,7 @@ mod tests {
         assert_eq!(b.acked_features_now(), acked);
         b.acked_features(0);
         b.acked_features(bit(VIRTIO_NET_F_GUEST_TSO4));
-        let expect = GuestOffloads {
-            csum: true,
-            tso4: true,
-            tso6: true,
-            tso_ecn: true,
-            uso4: false,
-            uso6: false,
-        };
+        let expect = GuestOffloads::TCP;
         assert_eq!(
             *port.configured.lock().unwrap(),
             vec![

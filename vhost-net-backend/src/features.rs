@@ -37,6 +37,17 @@ pub struct GuestOffloads {
 }
 
 impl GuestOffloads {
+    /// Checksum and TCP segmentation offloads (with ECN), no UDP segmentation: what a Linux
+    /// guest usually negotiates.
+    pub const TCP: GuestOffloads = GuestOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        tso_ecn: true,
+        uso4: false,
+        uso6: false,
+    };
+
     /// Derives the offloads from the guest's acked virtio-net features.
     pub fn from_features(acked: u64) -> Self {
         let has = |b: u32| acked & bit(b) != 0;
