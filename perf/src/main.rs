@@ -12,6 +12,7 @@
 mod daemon;
 use testkit::guest;
 mod gen;
+mod gso;
 mod ping;
 mod record;
 mod report;

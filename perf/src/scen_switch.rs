@@ -13,7 +13,8 @@
 //! - `dpdk-vhost-io`: DPDK `testpmd` forwarding between two `net_vhost` ports (`io` mode,
 //!   polling the backend core; it does not learn, it forwards port to port).
 //!
-//! Then, both guests still attached and quiet, the backend's idle CPU.
+//! Then, both guests still attached and quiet, the backend's idle CPU; then 64 KiB TSO
+//! frames between two raw frontends on the same ports (see [`crate::gso`]), in Gbit/s.
 //!
 //! (testpmd's `flowgen` would send both ways from one process, but Debian 12's DPDK 22.11 sends
 //! it from a fixed MAC on every port, which no learning switch can follow.)
@@ -25,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use crate::record::{Record, Status};
 use crate::sys::{self, Netns, Proc, Usage};
 use crate::testpmd::{self, Testpmd, TestpmdOpts};
-use crate::{daemon, Lab, RunOpts};
+use crate::{daemon, gso, Lab, RunOpts};
 
 /// The backends of this scenario.
 pub const BACKENDS: [&str; 3] = ["vhost-pump-switch", "vhost-pump-bridge", "dpdk-vhost-io"];
@@ -37,10 +38,10 @@ const BRIDGE: &str = "vpswbr";
 /// Ring size of both guests.
 const RING: u32 = 4096;
 
-/// Records this scenario produces (one per size, and an idle figure, per backend).
+/// Records this scenario produces (one per size, an idle and a GSO figure, per backend).
 pub fn planned(opts: &RunOpts) -> u64 {
     let backends = BACKENDS.iter().filter(|b| wants(opts, b)).count() as u64;
-    backends * (sizes(opts).len() as u64 + 1)
+    backends * (sizes(opts).len() as u64 + 2)
 }
 
 fn wants(opts: &RunOpts, b: &str) -> bool {
@@ -283,6 +284,63 @@ fn run_backend(lab: &mut Lab, backend: &str) -> Result<()> {
     }
     tx.quit();
     rx.quit();
+    // 64 KiB TSO frames, raw frontends on the same ports (testpmd has gone).
+    if !sys::interrupted() {
+        lab.status(format!("switch {backend} 64 KiB TSO"));
+        let mut r = Record::new("switch", "gso", backend, "a-to-b");
+        r.frame_size = gso::FRAME_LEN as u32;
+        r.queues = 1;
+        r.duration_s = d.as_secs_f64();
+        let mut cmds = setup.clone();
+        cmds.push(
+            "raw vhost-user frontends: sender CSUM+HOST_TSO4 keeps 256 TSO frames of 65014 B \
+             in flight; receiver GUEST_CSUM+GUEST_TSO4, 66 KiB buffers"
+                .into(),
+        );
+        r.commands = cmds;
+        if backend == "dpdk-vhost-io" {
+            let _ = r.fail(
+                Status::Unavailable,
+                "not measured: the net_vhost ports here have 2 KiB mbufs and no TSO offload \
+                 (tso=0), so a 64 KiB TSO frame cannot cross testpmd's io forwarding whole",
+            );
+        } else {
+            let socks = sockets(lab);
+            let mac = |m: &str| -> [u8; 6] {
+                let mut b = [0u8; 6];
+                for (i, p) in m.split(':').enumerate() {
+                    b[i] = u8::from_str_radix(p, 16).unwrap_or(0);
+                }
+                b
+            };
+            let pids = be.pids.clone();
+            let mut usage = None;
+            let res = gso::measure(&socks[0], &socks[1], mac(MACS[0]), mac(MACS[1]), d, |d| {
+                let u0 = Usage::now(&pids);
+                std::thread::sleep(d);
+                usage = Some(Usage::now(&pids).since(&u0));
+                Ok(())
+            });
+            match (res, usage) {
+                (Ok(g), Some(u)) if g.frames > 0 => {
+                    let gbps = g.bytes as f64 * 8.0 / g.secs / 1e9;
+                    r.metric("gbps", gbps);
+                    r.metric("mpps", g.frames as f64 / g.secs / 1e6);
+                    r.metric("backend_cpu_pct", u.cpu_pct);
+                    if u.cpu_pct > 0.0 {
+                        r.metric("gbps_per_core", gbps / (u.cpu_pct / 100.0));
+                    }
+                }
+                (Ok(_), _) => {
+                    r.fail(Status::Failed, "no TSO frame crossed the backend");
+                }
+                (Err(e), _) => {
+                    r.fail(Status::Failed, format!("{e:#}"));
+                }
+            }
+        }
+        lab.record(r);
+    }
     drop(be);
     drop(ns);
     Ok(())

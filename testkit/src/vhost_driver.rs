@@ -706,11 +706,18 @@ impl Session {
     /// SET_FEATURES with VERSION_1, INDIRECT_DESC and PROTOCOL_FEATURES) and sends the memory
     /// table, without any ring.
     pub fn negotiate(path: &Path) -> io::Result<Session> {
+        Session::negotiate_with(path, 0, SESSION_MEM)
+    }
+
+    /// [`Session::negotiate`] with the feature bits `extra` acked too (refused when the device
+    /// does not offer them) and `mem_len` bytes of guest memory.
+    pub fn negotiate_with(path: &Path, extra: u64, mem_len: usize) -> io::Result<Session> {
         let mut fe = Frontend::connect(path)?;
         let offered = fe.get_features()?;
         let want = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | extra;
         if offered & want != want {
             return Err(proto_err(format!("features {offered:#x} lack {want:#x}")));
         }
@@ -719,7 +726,7 @@ impl Session {
         fe.set_protocol_features(proto & (reply_ack | (1 << PROTO_MQ)))?;
         fe.set_owner()?;
         fe.set_features(want)?;
-        let mem = GuestMem::new(SESSION_MEM)?;
+        let mem = GuestMem::new(mem_len)?;
         fe.set_mem_table(&[mem.region()], &[mem.fd()])?;
         Ok(Session {
             fe,
@@ -730,7 +737,18 @@ impl Session {
 
     /// [`Session::negotiate`], then sets up the rings `indexes` with `size` entries each.
     pub fn good(path: &Path, indexes: &[u32], size: u16) -> io::Result<Session> {
-        let mut s = Session::negotiate(path)?;
+        Session::good_with(path, indexes, size, 0, SESSION_MEM)
+    }
+
+    /// [`Session::negotiate_with`], then sets up the rings `indexes` with `size` entries each.
+    pub fn good_with(
+        path: &Path,
+        indexes: &[u32],
+        size: u16,
+        extra: u64,
+        mem_len: usize,
+    ) -> io::Result<Session> {
+        let mut s = Session::negotiate_with(path, extra, mem_len)?;
         for &i in indexes {
             let r = Ring::new(i, size);
             r.setup(&s.fe, &s.mem)?;
