@@ -426,6 +426,37 @@ mod tests {
     }
 
     #[test]
+    fn renders_switch_members_only_with_a_switch() {
+        assert!(!render(&[], &[]).contains("vhost_pump_switch_"));
+        let m = |member: &str, base: u64| MemberSnapshot {
+            switch: "sw0".into(),
+            member: member.into(),
+            forwarded: base + 1,
+            drop_inbox_full: base + 2,
+            ..Default::default()
+        };
+        let text = render(&[], &[m("vm0", 0), m("uplink:up\"0", 10)]);
+        for line in [
+            "# TYPE vhost_pump_switch_forwarded_total counter",
+            "vhost_pump_switch_forwarded_total{switch=\"sw0\",member=\"vm0\"} 1",
+            "vhost_pump_switch_drop_inbox_full_total{switch=\"sw0\",member=\"vm0\"} 2",
+            "vhost_pump_switch_forwarded_total{switch=\"sw0\",member=\"uplink:up\\\"0\"} 11",
+            "vhost_pump_switch_learn_refused_total{switch=\"sw0\",member=\"vm0\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // One family per counter, each declared once.
+        let families = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE vhost_pump_switch_"))
+            .count();
+        assert_eq!(families, m("x", 0).counters().len());
+    }
+
+    #[test]
     fn renders_af_packet_link_and_counters_per_port() {
         use crate::af_packet::{AfPacketSnapshot, LinkState};
         let port = |name: &str, af_packet| PortStats {
