@@ -13,6 +13,7 @@
 //! - Ports removed, added again and reconnected while traffic flows; a frame for a port whose
 //!   frontend is gone is dropped (`drop_not_running`), not kept for the next session.
 //! - A tap uplink: frames from a port leave through it, frames injected into it reach the port.
+//! - An AF_PACKET uplink on one end of a veth pair: the same, seen from the far end.
 //!
 //! Each test runs the daemon (`--config` with a `[[switch]]`, `--control`) in a private network
 //! namespace (`testkit::netns`); the tests run one at a time. Need root (network namespaces, a
@@ -1106,6 +1107,101 @@ fn uplink_reaches_the_host() {
         );
         println!(
             "uplink {UPLINK}: a's broadcast and unicast out of the tap, the host's frame to a"
+        );
+        drop(d);
+    });
+}
+
+/// The veth pair of the AF_PACKET uplink test: the switch's uplink end and the far end.
+const AFP_UPLINK: &str = "vpswa0";
+const AFP_PEER: &str = "vpswa1";
+
+#[test]
+fn af_packet_uplink_reaches_the_far_veth_end() {
+    if !can_run("af_packet_uplink_reaches_the_far_veth_end") {
+        return;
+    }
+    let _serial = serial();
+    in_new_netns(|| {
+        // The uplink opens an existing interface: the pair is there before the daemon starts.
+        netns::ip(&[
+            "link", "add", AFP_UPLINK, "type", "veth", "peer", "name", AFP_PEER,
+        ]);
+        netns::ip(&["link", "set", AFP_UPLINK, "up"]);
+        netns::ip(&["link", "set", AFP_PEER, "up"]);
+        let mut d = Switchd::start("af-packet-uplink", |dir| {
+            format!(
+                "[[switch]]\nname = \"sw0\"\n\
+                 uplinks = [{{ kind = \"af-packet\", name = \"{AFP_UPLINK}\" }}]\n"
+            ) + &port_toml(dir, "a", "sw0", mac(1), "")
+        });
+        let sniff = PacketSocket::sniffer(AFP_PEER).unwrap();
+        let inject = PacketSocket::sender(AFP_PEER).unwrap();
+        // What arrived at the far end from the switch (the test's own injections are
+        // outgoing there).
+        let from_switch = |n: usize| -> Vec<Vec<u8>> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let wait = if got.len() >= n {
+                    QUIET
+                } else {
+                    deadline.saturating_duration_since(Instant::now())
+                };
+                match sniff.recv(&mut buf, wait).unwrap() {
+                    Some((len, kind)) => {
+                        let f = &buf[..len];
+                        if kind != PACKET_OUTGOING
+                            && f.len() >= 14
+                            && f[12..14] == ETHERTYPE_EXPERIMENTAL.to_be_bytes()
+                        {
+                            got.push(f.to_vec());
+                        }
+                    }
+                    None => return got,
+                }
+            }
+        };
+        let mut a = Vm::connect("a", &d.socket("a"));
+        let before = d.counters()["a"].clone();
+        let peer = [0x02, 0x73, 0x77, 0, 0, 0x98];
+
+        // A broadcast from a leaves through vpswa0 and comes out at vpswa1, not back to a.
+        let f = data(BCAST, mac(1), 1);
+        a.send(&f);
+        let out = from_switch(1);
+        assert_eq!(out, vec![f], "at {AFP_PEER}:{}", describe_all(&out));
+        expect_frames(&mut [&mut a], &[vec![]], "a's broadcast");
+
+        // A frame for a injected at vpswa1 reaches a.
+        let g = data(mac(1), peer, 2);
+        inject.send(&g).unwrap();
+        expect_frames(&mut [&mut a], &[vec![g]], "far end -> a");
+        let out = from_switch(0);
+        assert!(
+            out.is_empty(),
+            "the frame for a came back out at {AFP_PEER}:{}",
+            describe_all(&out)
+        );
+        let fdb = d.fdb("sw0");
+        let up = format!("uplink:{AFP_UPLINK}");
+        assert!(
+            fdb.contains(&(0, mac_text(peer), up.clone())),
+            "the far end's address is not learned on {up}: {fdb:?}"
+        );
+
+        let after = d.counters()["a"].clone();
+        let delta = |k: &str| after[k] - before[k];
+        assert_eq!(
+            [delta("received"), delta("flooded"), delta("forwarded")],
+            [1, 1, 0],
+            "a's [received, flooded, forwarded] went {before:?} -> {after:?}"
+        );
+        d.daemon.assert_alive();
+        println!(
+            "af-packet uplink {AFP_UPLINK}: a's broadcast out at {AFP_PEER}, {AFP_PEER}'s frame \
+             to a, learned on {up}"
         );
         drop(d);
     });

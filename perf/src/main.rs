@@ -11,6 +11,7 @@
 
 mod daemon;
 use testkit::guest;
+mod floor;
 mod gen;
 mod gso;
 mod ping;
@@ -53,6 +54,19 @@ enum Cmd {
         /// Results directory (holding records.jsonl).
         dir: PathBuf,
     },
+    /// The kernel-floor writer the `vmless` scenario runs (see `kernel-floor-tap`).
+    #[command(hide = true)]
+    FloorWriter {
+        /// Tap to write into (made with `vnet_hdr`).
+        #[arg(long)]
+        tap: String,
+        /// Ethernet frame length.
+        #[arg(long)]
+        frame_len: usize,
+        /// How long to write.
+        #[arg(long)]
+        secs: f64,
+    },
 }
 
 /// Options of `run`.
@@ -75,7 +89,7 @@ pub struct RunOpts {
     /// Results directory [default: perf/results/<date-time> in the workspace].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Only these backends/paths (repeatable): vhost-pump-tap, vhost-pump-afpacket,
+    /// Only these backends/paths (repeatable): kernel-floor-tap, vhost-pump-tap, vhost-pump-afpacket,
     /// dpdk-vhost-tap, dpdk-vhost-afpacket, qemu-tap, kata-tcfilter, vhost-pump-switch,
     /// vhost-pump-bridge.
     #[arg(long = "backend", value_name = "NAME")]
@@ -626,6 +640,11 @@ fn main() -> ExitCode {
         Cmd::Report { dir } => report::write(&dir).map(|_| {
             println!("{}", dir.join(report::TABLE).display());
         }),
+        Cmd::FloorWriter {
+            tap,
+            frame_len,
+            secs,
+        } => floor::write_loop(&tap, frame_len, secs),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

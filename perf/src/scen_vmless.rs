@@ -22,8 +22,10 @@ use crate::sys::{self, IfCounters, Netns, Proc, Usage};
 use crate::testpmd::{self, Testpmd, TestpmdOpts};
 use crate::{Lab, RunOpts};
 
-/// The backends of this scenario.
-pub const BACKENDS: [&str; 4] = [
+/// The backends of this scenario (`kernel-floor-tap`: the kernel's own limit, see
+/// [`crate::floor`]).
+pub const BACKENDS: [&str; 5] = [
+    "kernel-floor-tap",
     "vhost-pump-tap",
     "vhost-pump-afpacket",
     "dpdk-vhost-tap",
@@ -36,12 +38,14 @@ const TAP: &str = "vpvt0";
 const VETH_A: &str = "vpva0";
 const VETH_B: &str = "vpvb0";
 const DPDK_TAP: &str = "vpdt0";
+const FLOOR_TAP: &str = "vpft0";
 
 /// Number of records this scenario will produce with `opts`.
 pub fn planned(opts: &RunOpts) -> u64 {
+    let wanted = |b: &str| opts.backends.is_empty() || opts.backends.iter().any(|x| x == b);
     let n_backends = BACKENDS
         .iter()
-        .filter(|b| opts.backends.is_empty() || opts.backends.iter().any(|x| x == *b))
+        .filter(|b| **b != "kernel-floor-tap" && wanted(b))
         .count() as u64;
     let sizes = opts.sizes.len() as u64;
     let ndr = if opts.no_ndr {
@@ -49,7 +53,9 @@ pub fn planned(opts: &RunOpts) -> u64 {
     } else {
         opts.ndr_sizes.len() as u64
     };
-    n_backends * opts.queues.len() as u64 * (2 * sizes + ndr)
+    // The floor: guest → tap only, one queue.
+    let floor = if wanted("kernel-floor-tap") { sizes } else { 0 };
+    n_backends * opts.queues.len() as u64 * (2 * sizes + ndr) + floor
 }
 
 /// What to measure on one backend.
@@ -123,6 +129,12 @@ pub fn measure_backend(lab: &mut Lab, backend: &str, queues: u32, plan: &Plan) {
 }
 
 fn measure_group(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan) {
+    if backend == "kernel-floor-tap" {
+        if queues == 1 {
+            measure_floor(lab, mtu, plan);
+        }
+        return;
+    }
     lab.begin();
     lab.status(format!(
         "{}: starting {backend} (queues={queues}, mtu={mtu})",
@@ -172,6 +184,85 @@ fn base_record(
     r.frame_size = size;
     r.queues = queues;
     r
+}
+
+/// The tap floor: a `writev` loop pinned to the backend's core, frames counted by the tap.
+fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
+    lab.begin();
+    lab.status(format!("{}: kernel floor (tap, mtu={mtu})", plan.scenario));
+    let ns = match Netns::create(NS).and_then(|ns| {
+        ns.ip(&["tuntap", "add", FLOOR_TAP, "mode", "tap", "vnet_hdr"])?;
+        ns.ip(&["link", "set", FLOOR_TAP, "mtu", &mtu.to_string(), "up"])?;
+        Ok(ns)
+    }) {
+        Ok(ns) => ns,
+        Err(e) => {
+            for &size in &plan.sizes {
+                let mut r = base_record(plan, plan.test, "kernel-floor-tap", "guest-tx", size, 1);
+                r.fail(Status::Failed, format!("{e:#}"));
+                lab.record(r);
+            }
+            return;
+        }
+    };
+    let setup = sys::peek_cmds();
+    let d = lab.duration(plan.scenario);
+    for &size in &plan.sizes {
+        if sys::interrupted() {
+            return;
+        }
+        let mut r = base_record(plan, plan.test, "kernel-floor-tap", "guest-tx", size, 1);
+        r.duration_s = d.as_secs_f64();
+        let res = (|| -> Result<()> {
+            let exe = std::env::current_exe()?;
+            let secs = (settle(d) + d + Duration::from_millis(500)).as_secs_f64();
+            let argv = [
+                "taskset".to_string(),
+                "-c".into(),
+                lab.cpus.backend.to_string(),
+                exe.to_string_lossy().into_owned(),
+                "floor-writer".into(),
+                "--tap".into(),
+                FLOOR_TAP.into(),
+                "--frame-len".into(),
+                (size - 4).to_string(),
+                "--secs".into(),
+                format!("{secs:.3}"),
+            ];
+            let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let mut p = Proc::spawn(
+                "kernel-floor-tap",
+                ns.cmd(&refs),
+                &lab.log(&format!("vmless-kernel-floor-{size}")),
+            )?;
+            std::thread::sleep(settle(d));
+            let c0 = ns.counters(FLOOR_TAP)?;
+            let u0 = Usage::now(&[p.pid()]);
+            std::thread::sleep(d);
+            let c1 = ns.counters(FLOOR_TAP)?;
+            let u = Usage::now(&[p.pid()]).since(&u0);
+            let t = std::time::Instant::now();
+            while p.exited().is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let received = c1.rx_packets - c0.rx_packets;
+            if received == 0 {
+                bail!("no frame reached the tap");
+            }
+            fill(lab, &mut r, received, received, u, size);
+            Ok(())
+        })();
+        if let Err(e) = res {
+            r.fail(Status::Failed, format!("{e:#}"));
+        }
+        let mut cmds = setup.clone();
+        cmds.push(format!(
+            "vhost-pump-perf floor-writer --tap {FLOOR_TAP} --frame-len {} (writev loop, 12-byte vnet header, pinned to the backend core)",
+            size - 4
+        ));
+        r.commands = cmds;
+        lab.record(r);
+    }
 }
 
 fn veth_pair(ns: &Netns, a: &str, b: &str, mtu: u32, offloads_off: bool) -> Result<()> {
