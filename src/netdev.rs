@@ -49,6 +49,28 @@ impl IfName {
     }
 }
 
+/// Whether interface `name` has TCP segmentation offload on (`ETHTOOL_GTSO`); `None` when
+/// the driver does not say.
+pub fn tso_enabled(name: &IfName) -> Option<bool> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_GTSO,
+        data: 0,
+    };
+    let mut ifr = ifreq(name);
+    ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+    let sock = ctl_socket().ok()?;
+    // SAFETY: SIOCETHTOOL with an ifreq we own, whose data points at a live ethtool_value the
+    // kernel reads and writes for the call only.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+    (rc == 0).then_some(v.data != 0)
+}
+
 /// Errors reading or changing link settings.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {what} of interface {name}: {source}")]

@@ -80,6 +80,8 @@ impl TapPort {
             name: ifname.clone(),
             caps: HostCapabilities {
                 uso: netdev::tun_set_offload(&ctl, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6).is_ok(),
+                // A tap takes GSO frames from userspace whatever its own features.
+                no_host_tso: false,
             },
             ctl,
             queues: Mutex::new(fds.into_iter().map(Some).collect()),
@@ -306,13 +308,19 @@ mod tests {
             uso4: true,
             uso6: true,
         };
-        let no_uso = HostCapabilities { uso: false };
+        let no_uso = HostCapabilities::default();
         assert_eq!(
             tun_offload_flags(all, no_uso),
             TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
         );
         assert_eq!(
-            tun_offload_flags(all, HostCapabilities { uso: true }) & (TUN_F_USO4 | TUN_F_USO6),
+            tun_offload_flags(
+                all,
+                HostCapabilities {
+                    uso: true,
+                    ..Default::default()
+                },
+            ) & (TUN_F_USO4 | TUN_F_USO6),
             TUN_F_USO4 | TUN_F_USO6
         );
         assert_eq!(tun_offload_flags(GuestOffloads::default(), no_uso), 0);

@@ -85,6 +85,67 @@ fn tso_frame(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
     f
 }
 
+/// Keeps `tx`'s TX ring (index 1) full of its staged frame until `stop`: the sender thread.
+fn spawn_sender(mut tx: Session, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || -> Result<()> {
+        let Session { mem, rings, .. } = &mut tx;
+        let ring = rings.iter_mut().find(|r| r.index == 1).context("tx ring")?;
+        let mut next = 0u16;
+        let mut in_flight = 0u16;
+        let mut seen = ring.used_idx(mem);
+        while !stop.load(Relaxed) {
+            let used = ring.used_idx(mem);
+            in_flight = in_flight.saturating_sub(used.wrapping_sub(seen));
+            seen = used;
+            if in_flight < RING {
+                while in_flight < RING {
+                    ring.publish(mem, next);
+                    next = (next + 1) % RING;
+                    in_flight += 1;
+                }
+                ring.kick();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A sender session on `sock` with its TX ring's descriptors all pointing at one TSO frame
+/// from `src` to `dst`.
+fn tso_sender(sock: &Path, src: [u8; 6], dst: [u8; 6]) -> Result<Session> {
+    let mut tx = Session::good_with(sock, &[0, 1], RING, F_CSUM | F_HOST_TSO4, MEM)
+        .context("sender session")?;
+    let frame = tso_frame(src, dst);
+    tx.mem.write(BUFS, &frame);
+    let Session { mem, rings, .. } = &mut tx;
+    let ring = rings.iter_mut().find(|r| r.index == 1).context("tx ring")?;
+    for i in 0..RING {
+        ring.set_desc(mem, i, BUFS, frame.len() as u32, 0, 0);
+    }
+    Ok(tx)
+}
+
+/// Sends 64 KiB TSO frames from the guest at `sock` to the host side of its port for as long
+/// as `during` runs (it measures what arrives, e.g. the host interface's counters).
+pub fn send_to_host(sock: &Path, during: impl FnOnce() -> Result<()>) -> Result<()> {
+    let tx = tso_sender(
+        sock,
+        [0x02, 0x70, 0x67, 0, 0, 1],
+        [0x02, 0x70, 0x67, 0, 0, 2],
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = spawn_sender(tx, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let res = during();
+    stop.store(true, Relaxed);
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    res
+}
+
 /// What one measurement found.
 pub struct GsoFigures {
     /// Frames the receiver got.
@@ -107,8 +168,7 @@ pub fn measure(
 ) -> Result<GsoFigures> {
     let mut rx = Session::good_with(rx_sock, &[0, 1], RING, F_GUEST_CSUM | F_GUEST_TSO4, MEM)
         .context("receiver session")?;
-    let mut tx = Session::good_with(tx_sock, &[0, 1], RING, F_CSUM | F_HOST_TSO4, MEM)
-        .context("sender session")?;
+    let tx = tso_sender(tx_sock, src, dst)?;
     // Receiver: RING chains of one 66 KiB device-writable buffer each.
     {
         let Session { mem, rings, .. } = &mut rx;
@@ -126,17 +186,7 @@ pub fn measure(
         }
         ring.kick();
     }
-    // Sender: every descriptor points at the same frame (the device only reads it). One
-    // frame from the receiver first, so a learning switch knows where it is.
-    let frame = tso_frame(src, dst);
-    tx.mem.write(BUFS, &frame);
-    {
-        let Session { mem, rings, .. } = &mut tx;
-        let ring = rings.iter_mut().find(|r| r.index == 1).context("tx ring")?;
-        for i in 0..RING {
-            ring.set_desc(mem, i, BUFS, frame.len() as u32, 0, 0);
-        }
-    }
+    // One frame from the receiver first, so a learning switch knows where it is.
     let hello = testkit::vhost_driver::tx_frame(dst, 60, 0);
     rx.send_frame(1, &hello).context("receiver's hello")?;
 
@@ -170,32 +220,7 @@ pub fn measure(
             Ok(())
         })
     };
-    let sender = {
-        let stop = stop.clone();
-        std::thread::spawn(move || -> Result<()> {
-            let Session { mem, rings, .. } = &mut tx;
-            let ring = rings.iter_mut().find(|r| r.index == 1).context("tx ring")?;
-            let mut next = 0u16;
-            let mut in_flight = 0u16;
-            let mut seen = ring.used_idx(mem);
-            while !stop.load(Relaxed) {
-                let used = ring.used_idx(mem);
-                in_flight -= used.wrapping_sub(seen);
-                seen = used;
-                if in_flight < RING {
-                    while in_flight < RING {
-                        ring.publish(mem, next);
-                        next = (next + 1) % RING;
-                        in_flight += 1;
-                    }
-                    ring.kick();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-            Ok(())
-        })
-    };
+    let sender = spawn_sender(tx, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     let (f0, b0, t0) = (frames.load(Relaxed), bytes.load(Relaxed), Instant::now());
     during(d)?;

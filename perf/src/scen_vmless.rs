@@ -8,8 +8,13 @@
 //! - NDR (guest RX only): binary search on the generator's offered rate for the highest rate
 //!   with zero loss. testpmd's txonly has no rate limit, so there is no NDR for guest TX.
 //!
-//! Backends in the same run, same pinning: vhost-pump tap mode, vhost-pump AF_PACKET mode on a
-//! veth, DPDK's `net_vhost` + `net_tap`, DPDK's `net_vhost` + `net_af_packet` on a veth.
+//! - guest TX of 64 KiB TSO frames (vhost-pump backends): a raw vhost-user frontend keeps 256
+//!   TSO frames in flight (see [`crate::gso`]); Gbit/s of what the host interface received.
+//!   DPDK's backends have no GSO path here: their PMDs carry no GSO metadata.
+//!
+//! Backends in the same run, same pinning: the kernel floor (a `writev` loop into a tap, see
+//! [`crate::floor`]), vhost-pump tap mode, vhost-pump AF_PACKET mode on a veth, DPDK's
+//! `net_vhost` + `net_tap`, DPDK's `net_vhost` + `net_af_packet` on a veth.
 
 use std::time::Duration;
 
@@ -55,7 +60,13 @@ pub fn planned(opts: &RunOpts) -> u64 {
     };
     // The floor: guest → tap only, one queue.
     let floor = if wanted("kernel-floor-tap") { sizes } else { 0 };
-    n_backends * opts.queues.len() as u64 * (2 * sizes + ndr) + floor
+    // One 64 KiB TSO figure per vhost-pump backend and queue count.
+    let gso = BACKENDS
+        .iter()
+        .filter(|b| b.starts_with("vhost-pump") && wanted(b))
+        .count() as u64
+        * opts.queues.len() as u64;
+    n_backends * opts.queues.len() as u64 * (2 * sizes + ndr) + floor + gso
 }
 
 /// What to measure on one backend.
@@ -265,6 +276,13 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
     }
 }
 
+/// `VHOST_PUMP_PERF_VETH_OFFLOADS=on` leaves the veth's offloads on for vhost-pump's AF_PACKET
+/// backend (DPDK's af_packet PMD needs them off, so by default both get them off): with TSO
+/// off the port does not offer HOST_TSO, and the 64 KiB TSO figure cannot be taken.
+fn veth_offloads_on() -> bool {
+    std::env::var("VHOST_PUMP_PERF_VETH_OFFLOADS").is_ok_and(|v| v == "on")
+}
+
 fn veth_pair(ns: &Netns, a: &str, b: &str, mtu: u32, offloads_off: bool) -> Result<()> {
     ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
     for i in [a, b] {
@@ -289,7 +307,7 @@ fn start_backend(lab: &Lab, ns: &Netns, backend: &str, queues: u32, mtu: u32) ->
             let (port, host_if) = if backend == "vhost-pump-tap" {
                 (Port::Tap(TAP.into()), TAP.to_string())
             } else {
-                veth_pair(ns, VETH_A, VETH_B, mtu, true)?;
+                veth_pair(ns, VETH_A, VETH_B, mtu, !veth_offloads_on())?;
                 (Port::AfPacket(VETH_A.into()), VETH_B.to_string())
             };
             let o = DaemonOpts {
@@ -509,6 +527,58 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
         }
     }
     fe.quit();
+    // 64 KiB TSO frames guest → host: a raw frontend on the same socket (testpmd has gone).
+    if backend.starts_with("vhost-pump")
+        && plan.test == "throughput"
+        && mtu <= 1500
+        && !plan.sizes.is_empty()
+        && !sys::interrupted()
+    {
+        lab.status(format!("{} {backend} guest-tx 64 KiB TSO", plan.scenario));
+        let mut r = base_record(
+            plan,
+            "gso",
+            backend,
+            "guest-tx",
+            crate::gso::FRAME_LEN as u32,
+            queues,
+        );
+        r.duration_s = d.as_secs_f64();
+        let mut cmds = setup.clone();
+        cmds.push(
+            "raw vhost-user frontend (CSUM+HOST_TSO4) keeping 256 TCP/IPv4 TSO frames of 65014 B \
+             in flight; bytes counted by the host interface"
+                .to_string(),
+        );
+        r.commands = cmds;
+        let sock = daemon::socket(lab, &format!("vmless-{backend}"));
+        let res = crate::gso::send_to_host(&sock, || {
+            let c0 = ns.counters(&be.host_if)?;
+            let u0 = Usage::now(&be.pids);
+            std::thread::sleep(d);
+            let c1 = ns.counters(&be.host_if)?;
+            let u = Usage::now(&be.pids).since(&u0);
+            let gbps = (c1.rx_bytes - c0.rx_bytes) as f64 * 8.0 / u.wall_s / 1e9;
+            if c1.rx_packets == c0.rx_packets {
+                bail!("no TSO frame reached {}", be.host_if);
+            }
+            r.metric("gbps", gbps);
+            r.metric("backend_cpu_pct", u.cpu_pct);
+            if u.cpu_pct > 0.0 {
+                r.metric("gbps_per_core", gbps / (u.cpu_pct / 100.0));
+            }
+            // Frames as the host counted them: one per GSO frame, or per segment after GRO.
+            r.metric(
+                "host_frames_per_s",
+                (c1.rx_packets - c0.rx_packets) as f64 / u.wall_s,
+            );
+            Ok(())
+        });
+        if let Err(e) = res {
+            r.fail(Status::Failed, format!("{e:#}"));
+        }
+        lab.record(r);
+    }
     drop(be);
     drop(ns);
     Ok(())

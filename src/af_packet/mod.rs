@@ -61,7 +61,10 @@
 //!   receives its own transmissions; frames marked `PACKET_OUTGOING` are skipped anyway on
 //!   kernels without it), and promiscuous membership (`PACKET_MR_PROMISC`) so frames for the
 //!   guest's MAC reach the socket on interfaces that filter (bridges, NICs); the kernel releases
-//!   the membership when the socket closes.
+//!   the membership when the socket closes. Past the qdisc the kernel drops a GSO frame the
+//!   device cannot take whole, so on an interface with TCP segmentation offload off (read with
+//!   `ETHTOOL_GTSO` when the port opens) the guest is not offered HOST_TSO4/6 and segments
+//!   itself. Turning TSO off on the interface while a guest runs is not followed.
 //! - **MAC filter** (optional, [`AfPacketPort::open_filtered`]): a classic BPF socket filter on
 //!   each receiving socket, attached before it is bound, passes frames whose destination is the
 //!   guest's MAC or a group address and drops the rest in the kernel, before they take a slot.
@@ -380,6 +383,8 @@ pub struct AfPacketPort {
     shared: Arc<Shared>,
     queues: Mutex<Vec<Option<AfPacketQueue>>>,
     mtu: u16,
+    /// The interface had TCP segmentation offload off when the port opened.
+    no_tso: bool,
     /// Stopped and joined when the port is dropped.
     _watcher: Option<Watcher>,
 }
@@ -468,6 +473,7 @@ impl AfPacketPort {
             shared,
             queues: Mutex::new(qs.into_iter().map(Some).collect()),
             mtu: guest_mtu,
+            no_tso: netdev::tso_enabled(&name) == Some(false),
             _watcher: watcher,
         })
     }
@@ -490,8 +496,14 @@ impl AfPacketPort {
 
 impl HostPort for AfPacketPort {
     fn capabilities(&self) -> HostCapabilities {
-        // USO through AF_PACKET's vnet header is not verified here; never offered.
-        HostCapabilities { uso: false }
+        HostCapabilities {
+            // USO through AF_PACKET's vnet header is not verified here; never offered.
+            uso: false,
+            // Frames go to the driver past the qdisc (PACKET_QDISC_BYPASS), and the kernel
+            // drops a GSO frame there that the device cannot take whole: on an interface
+            // without TSO the guest must segment itself.
+            no_host_tso: self.no_tso,
+        }
     }
 
     fn configure(&self, vnet_hdr_len: usize, offloads: GuestOffloads) -> io::Result<()> {

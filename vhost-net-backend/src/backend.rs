@@ -614,7 +614,10 @@ mod tests {
         assert_ne!(two.features() & bit(VIRTIO_NET_F_MQ), 0);
 
         let port = Arc::new(FakePort {
-            caps: HostCapabilities { uso: true },
+            caps: HostCapabilities {
+                uso: true,
+                ..Default::default()
+            },
             ..FakePort::new(1)
         });
         let uso = NetBackend::new(config(1), port, Duration::ZERO).unwrap();

@@ -74,6 +74,11 @@ impl GuestOffloads {
 pub struct HostCapabilities {
     /// The host port can deliver and accept USO frames (Linux >= 6.2 taps).
     pub uso: bool,
+    /// The host port cannot take TCP segmentation offload frames from the guest (an
+    /// AF_PACKET port on an interface without TSO: the kernel drops GSO frames sent past the
+    /// qdisc to such a device), so HOST_TSO4/6 and HOST_ECN are not offered and the guest
+    /// segments itself.
+    pub no_host_tso: bool,
 }
 
 /// `VHOST_F_LOG_ALL` (bit 26): the frontend may ask for every guest memory write to be logged
@@ -92,14 +97,14 @@ pub fn offered_features(queue_pairs: usize, caps: HostCapabilities) -> u64 {
         | bit(VIRTIO_NET_F_GUEST_TSO4)
         | bit(VIRTIO_NET_F_GUEST_TSO6)
         | bit(VIRTIO_NET_F_GUEST_ECN)
-        | bit(VIRTIO_NET_F_HOST_TSO4)
-        | bit(VIRTIO_NET_F_HOST_TSO6)
-        | bit(VIRTIO_NET_F_HOST_ECN)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_MTU)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if !caps.no_host_tso {
+        f |= bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6) | bit(VIRTIO_NET_F_HOST_ECN);
+    }
     if caps.uso {
         f |= bit(VIRTIO_NET_F_GUEST_USO4)
             | bit(VIRTIO_NET_F_GUEST_USO6)
@@ -156,9 +161,32 @@ mod tests {
         let one = offered_features(1, HostCapabilities::default());
         assert_eq!(one & bit(VIRTIO_NET_F_MQ), 0);
         assert_eq!(one & bit(VIRTIO_NET_F_HOST_USO), 0);
-        let two = offered_features(2, HostCapabilities { uso: true });
+        let two = offered_features(
+            2,
+            HostCapabilities {
+                uso: true,
+                ..Default::default()
+            },
+        );
         assert_ne!(two & bit(VIRTIO_NET_F_MQ), 0);
         assert_ne!(two & bit(VIRTIO_NET_F_GUEST_USO4), 0);
+    }
+
+    #[test]
+    fn host_tso_is_offered_unless_the_port_cannot_take_it() {
+        let tso = bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6);
+        assert_eq!(offered_features(1, HostCapabilities::default()) & tso, tso);
+        let no = offered_features(
+            1,
+            HostCapabilities {
+                no_host_tso: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(no & (tso | bit(VIRTIO_NET_F_HOST_ECN)), 0);
+        // The guest still gets checksum offload and its own receive offloads.
+        assert_ne!(no & bit(VIRTIO_NET_F_CSUM), 0);
+        assert_ne!(no & bit(VIRTIO_NET_F_GUEST_TSO4), 0);
     }
 
     #[test]
