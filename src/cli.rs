@@ -111,9 +111,10 @@ pub struct PortArgs {
     #[arg(long, value_name = "IFNAME")]
     pub af_packet: Option<String>,
 
-    /// Attach to the daemon's userspace switch NAME (defined with `[[switch]]` in --config or
-    /// `ctl add-switch`) instead of a host device: frames to other ports of the switch never
-    /// cross the kernel.
+    /// Attach to the daemon's userspace switch NAME instead of a host device: frames to other
+    /// ports of the switch never cross the kernel. On the daemon's command line the switch is
+    /// made with default settings; with `ctl add` it must exist (`[[switch]]` in --config, or
+    /// `ctl add-switch`).
     #[arg(long, value_name = "NAME")]
     pub switch: Option<String>,
 

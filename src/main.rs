@@ -212,6 +212,19 @@ fn run(
             tracing::error!(switch = %name, error = %e, "switch not started");
         }
     }
+    // A port from flags on `--switch NAME` gets that switch, with default settings, if no
+    // config defined it: more ports join it with `ctl add --switch NAME`.
+    if args.config.is_none() {
+        let named = ports.iter().chain(inherited.as_ref().map(|(s, _)| s));
+        for spec in named {
+            if let vhost_pump::config::HostSpec::Switch(name) = &spec.host {
+                if registry.switches().get(name).is_err() {
+                    registry
+                        .add_switch_unremembered(vhost_pump::switch::SwitchSpec::named(name))?;
+                }
+            }
+        }
+    }
     let mut started = 0;
     if let Some((spec, listener)) = inherited {
         // Like a port from flags: its failure is the daemon's.

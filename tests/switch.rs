@@ -1206,3 +1206,87 @@ fn af_packet_uplink_reaches_the_far_veth_end() {
         drop(d);
     });
 }
+
+#[test]
+fn a_port_from_flags_on_a_switch_gets_the_switch_and_others_join_it() {
+    // `vhost-pump --socket S --switch sw9 --control C`: the daemon makes `sw9` with default
+    // settings; `ctl add --switch sw9` puts a second port on it and frames cross.
+    if !can_run("a_port_from_flags_on_a_switch_gets_the_switch_and_others_join_it") {
+        return;
+    }
+    let _serial = serial();
+    in_new_netns(|| {
+        let dir = netns::target_workdir("switch-flags");
+        let control = dir.join("control.sock");
+        let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+        let mac_a = mac_text(mac(1));
+        let mut daemon = Daemon::spawn(
+            &[
+                "--socket",
+                sa.to_str().unwrap(),
+                "--switch",
+                "sw9",
+                "--mac",
+                &mac_a,
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            &dir.join("daemon.log"),
+        )
+        .unwrap();
+        let up = wait_until(Duration::from_secs(10), || control.exists());
+        daemon.assert_alive();
+        assert!(up, "no control socket\n{}", daemon.log_text());
+        let switches = netns::ctl_json(&control, &["switches"]);
+        assert_eq!(switches[0]["name"], "sw9", "{switches}");
+        assert_eq!(switches[0]["fdb_max"], 8192, "{switches}");
+        let mac_b = mac_text(mac(2));
+        netns::ctl_ok(
+            &control,
+            &[
+                "add",
+                "--name",
+                "b",
+                "--socket",
+                sb.to_str().unwrap(),
+                "--switch",
+                "sw9",
+                "--mac",
+                &mac_b,
+            ],
+        );
+        let mut a = Vm::connect("a", &sa);
+        let mut b = Vm::connect("b", &sb);
+        // b first, so the switch knows where it is; then a's unicast reaches b only.
+        b.send(&data(mac(1), mac(2), 1));
+        assert_eq!(
+            a.collect(1, Duration::from_secs(5)),
+            [data(mac(1), mac(2), 1)]
+        );
+        let f = data(mac(2), mac(1), 2);
+        a.send(&f);
+        assert_eq!(
+            b.collect(1, Duration::from_secs(5)),
+            [f],
+            "b did not get a's frame"
+        );
+        // A switch with a port cannot be removed.
+        let out = std::process::Command::new(daemon_bin())
+            .args([
+                "ctl",
+                "--control",
+                control.to_str().unwrap(),
+                "remove-switch",
+                "sw9",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("still has ports attached"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        daemon.assert_alive();
+    });
+}

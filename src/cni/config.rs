@@ -639,14 +639,7 @@ fn parse_host_port(v: &Value) -> Result<HostPortConf, CniError> {
         "switch" => {
             check_keys(obj, "switch", &["kind", "switch", "vlan", "uplinkTap"])?;
             let switch = string_field(obj, "switch")?.unwrap_or_else(|| "pods".into());
-            let probe = crate::switch::SwitchSpec {
-                name: switch.clone(),
-                fdb_max: crate::switch::DEFAULT_FDB_MAX,
-                aging_secs: crate::switch::DEFAULT_AGING_SECS,
-                flood_pps: crate::switch::DEFAULT_FLOOD_PPS,
-                uplinks: Vec::new(),
-            };
-            probe
+            crate::switch::SwitchSpec::named(&switch)
                 .validate()
                 .map_err(|e| invalid(format!("hostPort.switch: {e}")))?;
             let vlan = match obj.get("vlan") {

@@ -92,10 +92,6 @@ pub fn ensure_switch(
         return Ok(());
     }
     let switch = crate::switch::SwitchSpec {
-        name: name.into(),
-        fdb_max: crate::switch::DEFAULT_FDB_MAX,
-        aging_secs: crate::switch::DEFAULT_AGING_SECS,
-        flood_pps: crate::switch::DEFAULT_FLOOD_PPS,
         uplinks: uplink_tap
             .map(|t| crate::switch::UplinkSpec {
                 kind: crate::switch::UplinkKind::Tap,
@@ -105,6 +101,7 @@ pub fn ensure_switch(
             })
             .into_iter()
             .collect(),
+        ..crate::switch::SwitchSpec::named(name)
     };
     let r = ask(control, &Request::AddSwitch { switch }, timeout)?;
     let raced = r

@@ -168,6 +168,17 @@ pub fn check_vlans(vlan: Option<u16>, trunk: &[u16]) -> Result<(), String> {
 }
 
 impl SwitchSpec {
+    /// A switch called `name` with the default settings and no uplink.
+    pub fn named(name: &str) -> SwitchSpec {
+        SwitchSpec {
+            name: name.into(),
+            fdb_max: DEFAULT_FDB_MAX,
+            aging_secs: DEFAULT_AGING_SECS,
+            flood_pps: DEFAULT_FLOOD_PPS,
+            uplinks: Vec::new(),
+        }
+    }
+
     fn invalid(&self, message: impl Into<String>) -> SwitchError {
         SwitchError::Invalid {
             switch: self.name.clone(),
