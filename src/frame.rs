@@ -105,6 +105,17 @@ pub fn gso_ok(gso_type: u8, o: GuestOffloads) -> bool {
     }
 }
 
+/// Clears what a guest with offloads `o` did not negotiate: the ECN flag of a GSO type (only
+/// its own resegmentation would use it) and `DATA_VALID` (without checksum offload).
+pub fn strip_unnegotiated(h: &mut VnetHdr, o: GuestOffloads) {
+    if h.gso_type & GSO_ECN != 0 && !o.tso_ecn {
+        h.gso_type &= !GSO_ECN;
+    }
+    if !o.csum {
+        h.flags &= !F_DATA_VALID;
+    }
+}
+
 /// Makes the header and frame acceptable to a guest with offloads `o`, in place: completes a
 /// partial checksum in software when the guest takes none, drops flags the guest did not
 /// negotiate, and moves the checksum offsets past a VLAN tag that will be reinserted before the
@@ -121,10 +132,7 @@ pub fn prepare_rx(
     if !gso_ok(h.gso_type, o) {
         return Err(RxRefusal::Gso);
     }
-    if h.gso_type & GSO_ECN != 0 && !o.tso_ecn {
-        // Only the guest's own resegmentation would use it; it never asked for the flag.
-        h.gso_type &= !GSO_ECN;
-    }
+    strip_unnegotiated(h, o);
     let mut shift = vlan_inserted;
     if h.flags & F_NEEDS_CSUM != 0 {
         let mut start = usize::from(h.csum_start);
@@ -141,9 +149,6 @@ pub fn prepare_rx(
             complete_checksum(frame, start, at);
             h.flags &= !F_NEEDS_CSUM;
         }
-    }
-    if !o.csum {
-        h.flags &= !F_DATA_VALID;
     }
     if shift {
         if h.flags & F_NEEDS_CSUM != 0 {

@@ -1027,6 +1027,33 @@ fn port_removal_and_reconnect_mid_traffic() {
 /// The uplink tap of the uplink test.
 const UPLINK: &str = "vpsw-up0";
 
+/// The test's frames `sniff` sees coming from the switch (not outgoing ones, which the test
+/// sent itself): at least `n` within 5 s, then whatever follows until quiet.
+fn from_switch(sniff: &PacketSocket, n: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let wait = if got.len() >= n {
+            QUIET
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match sniff.recv(&mut buf, wait).unwrap() {
+            Some((len, kind)) => {
+                let f = &buf[..len];
+                if kind != PACKET_OUTGOING
+                    && f.len() >= 14
+                    && f[12..14] == ETHERTYPE_EXPERIMENTAL.to_be_bytes()
+                {
+                    got.push(f.to_vec());
+                }
+            }
+            None => return got,
+        }
+    }
+}
+
 #[test]
 fn uplink_reaches_the_host() {
     if !can_run("uplink_reaches_the_host") {
@@ -1048,30 +1075,7 @@ fn uplink_reaches_the_host() {
         let sniff = PacketSocket::sniffer(UPLINK).unwrap();
         let inject = PacketSocket::sender(UPLINK).unwrap();
         // What the daemon wrote into the tap (the test's own frames are outgoing).
-        let from_switch = |n: usize| -> Vec<Vec<u8>> {
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 4096];
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let wait = if got.len() >= n {
-                    QUIET
-                } else {
-                    deadline.saturating_duration_since(Instant::now())
-                };
-                match sniff.recv(&mut buf, wait).unwrap() {
-                    Some((len, kind)) => {
-                        let f = &buf[..len];
-                        if kind != PACKET_OUTGOING
-                            && f.len() >= 14
-                            && f[12..14] == ETHERTYPE_EXPERIMENTAL.to_be_bytes()
-                        {
-                            got.push(f.to_vec());
-                        }
-                    }
-                    None => return got,
-                }
-            }
-        };
+        let from_switch = |n: usize| from_switch(&sniff, n);
         let [mut a, mut b] = ["a", "b"].map(|n| Vm::connect(n, &d.socket(n)));
         let peer = [0x02, 0x73, 0x77, 0, 0, 0x99];
 
@@ -1139,30 +1143,7 @@ fn af_packet_uplink_reaches_the_far_veth_end() {
         let inject = PacketSocket::sender(AFP_PEER).unwrap();
         // What arrived at the far end from the switch (the test's own injections are
         // outgoing there).
-        let from_switch = |n: usize| -> Vec<Vec<u8>> {
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 4096];
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let wait = if got.len() >= n {
-                    QUIET
-                } else {
-                    deadline.saturating_duration_since(Instant::now())
-                };
-                match sniff.recv(&mut buf, wait).unwrap() {
-                    Some((len, kind)) => {
-                        let f = &buf[..len];
-                        if kind != PACKET_OUTGOING
-                            && f.len() >= 14
-                            && f[12..14] == ETHERTYPE_EXPERIMENTAL.to_be_bytes()
-                        {
-                            got.push(f.to_vec());
-                        }
-                    }
-                    None => return got,
-                }
-            }
-        };
+        let from_switch = |n: usize| from_switch(&sniff, n);
         let mut a = Vm::connect("a", &d.socket("a"));
         let before = d.counters()["a"].clone();
         let peer = [0x02, 0x73, 0x77, 0, 0, 0x98];

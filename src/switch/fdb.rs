@@ -92,13 +92,19 @@ impl Fdb {
     pub fn learn(&self, vlan: u16, mac: &Mac, member: u32, now: u64) -> Learned {
         {
             let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(e) = map.get(&(vlan, *mac)) {
-                if e.member.load(Relaxed) == member {
+            match map.get(&(vlan, *mac)) {
+                Some(e) if e.member.load(Relaxed) == member => {
                     if e.seen.load(Relaxed) != now {
                         e.seen.store(now, Relaxed);
                     }
                     return Learned::Refreshed;
                 }
+                // Full, and swept this second already: refused without the write lock, so a
+                // guest sending from random addresses does not serialise the other senders.
+                None if map.len() >= self.max && self.swept.load(Relaxed) == now => {
+                    return Learned::Full;
+                }
+                _ => {}
             }
         }
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
@@ -199,6 +205,9 @@ mod tests {
         assert_eq!(f.learn(0, &B, 1, 0), Learned::New);
         let c = [2, 0, 0, 0, 0, 3];
         assert_eq!(f.learn(0, &c, 1, 1), Learned::Full);
+        // Refused again in the same second (the read-lock path), and still in the next.
+        assert_eq!(f.learn(0, &[2, 0, 0, 0, 0, 4], 1, 1), Learned::Full);
+        assert_eq!(f.learn(0, &[2, 0, 0, 0, 0, 5], 1, 2), Learned::Full);
         // Known addresses still refresh and move.
         assert_eq!(f.learn(0, &A, 2, 1), Learned::Moved);
         assert_eq!(f.len(), 2);

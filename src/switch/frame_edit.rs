@@ -115,7 +115,7 @@ pub enum RxHeader {
 /// The header for frame `f` going to a receiver with `offloads`, before the tag edits
 /// [`write_edited`] makes: like [`crate::frame::prepare_rx`], without touching the frame.
 pub fn rx_header(f: &super::Frame, o: vhost_net_backend::GuestOffloads) -> RxHeader {
-    use crate::frame::{gso_ok, F_DATA_VALID, GSO_ECN};
+    use crate::frame::{gso_ok, strip_unnegotiated};
     let mut h = f.hdr;
     if !gso_ok(h.gso_type, o) {
         return RxHeader::Refused;
@@ -123,12 +123,7 @@ pub fn rx_header(f: &super::Frame, o: vhost_net_backend::GuestOffloads) -> RxHea
     if h.flags & F_NEEDS_CSUM != 0 && !o.csum {
         return RxHeader::Complete;
     }
-    if h.gso_type & GSO_ECN != 0 && !o.tso_ecn {
-        h.gso_type &= !GSO_ECN;
-    }
-    if !o.csum {
-        h.flags &= !F_DATA_VALID;
-    }
+    strip_unnegotiated(&mut h, o);
     RxHeader::Direct(h)
 }
 

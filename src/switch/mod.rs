@@ -285,7 +285,7 @@ pub struct Member {
     storm: Mutex<Bucket>,
     /// A port's device, to deliver switched frames from the sender's thread
     /// ([`vhost_net_backend::NetBackend::poll_rx`]); none for uplinks.
-    device: Mutex<Option<std::sync::Weak<vhost_net_backend::NetBackend>>>,
+    device: std::sync::OnceLock<std::sync::Weak<vhost_net_backend::NetBackend>>,
 }
 
 /// A token bucket of flooded frames per second.
@@ -307,22 +307,18 @@ impl Member {
                 tokens: 0.0,
                 last: Instant::now(),
             }),
-            device: Mutex::new(None),
+            device: std::sync::OnceLock::new(),
         })
     }
 
-    /// Ties a port member to its device.
+    /// Ties a port member to its device (once: a member belongs to one port).
     pub fn set_device(&self, d: &Arc<vhost_net_backend::NetBackend>) {
-        *self.device.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::downgrade(d));
+        let _ = self.device.set(Arc::downgrade(d));
     }
 
     /// The port's device, while it lives.
     fn device(&self) -> Option<Arc<vhost_net_backend::NetBackend>> {
-        self.device
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
+        self.device.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Delivers what waits in the inbox to the port's guest from this thread, if the port's
@@ -487,7 +483,7 @@ impl Switch {
         from: &Member,
         iov: &[libc::iovec],
         hdr_len: usize,
-        mut each: impl FnMut(&Arc<Member>),
+        mut each: impl FnMut(&Arc<Member>, &Frame),
     ) -> io::Result<Frame> {
         let c = &from.counters;
         let total = crate::frame::iov_len(iov);
@@ -555,7 +551,7 @@ impl Switch {
             Some(id) if members.iter().any(|m| m.id == id) => {
                 if let Some(m) = members.iter().find(|m| m.id == id) {
                     c.forwarded.fetch_add(1, Relaxed);
-                    each(m);
+                    each(m, &frame);
                 }
             }
             _ => {
@@ -567,7 +563,7 @@ impl Switch {
                         .iter()
                         .filter(|m| m.id != from.id && m.vlan.carries(vid))
                     {
-                        each(m);
+                        each(m, &frame);
                     }
                 }
             }
@@ -588,15 +584,14 @@ impl Switch {
         hdr_len: usize,
         touched: &mut Vec<Arc<Member>>,
     ) -> io::Result<usize> {
-        let mut to: Vec<Arc<Member>> = Vec::new();
-        // SAFETY: the caller vouches for `iov`.
-        let f = unsafe { self.decide(from, iov, hdr_len, |m| to.push(m.clone())) }?;
-        for m in to {
-            // SAFETY: as above.
-            if unsafe { self.deliver(&m, iov, &f, true) } && !touched.iter().any(|t| t.id == m.id) {
-                touched.push(m);
-            }
-        }
+        // SAFETY: the caller vouches for `iov`, read by `decide` and by every delivery.
+        let f = unsafe {
+            self.decide(from, iov, hdr_len, |m, f| {
+                if self.deliver(m, iov, f, true) && !touched.iter().any(|t| t.id == m.id) {
+                    touched.push(m.clone());
+                }
+            })
+        }?;
         Ok(f.total)
     }
 

@@ -180,7 +180,6 @@ pub struct SwitchPort {
     switch: Arc<Switch>,
     member: Arc<Member>,
     queues: usize,
-    taken: Mutex<Vec<bool>>,
 }
 
 impl SwitchPort {
@@ -190,13 +189,7 @@ impl SwitchPort {
             switch,
             member,
             queues,
-            taken: Mutex::new(vec![false; queues]),
         }
-    }
-
-    /// The member this port is on its switch.
-    pub fn member(&self) -> &Arc<Member> {
-        &self.member
     }
 }
 
@@ -220,8 +213,6 @@ impl HostPort for SwitchPort {
         if pair >= self.queues {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
-        taken[pair] = true;
         // Only queue pair 0 receives; the others get an eventfd nobody signals.
         let idle = if pair == 0 {
             None
@@ -236,6 +227,7 @@ impl HostPort for SwitchPort {
             staged: Vec::new(),
             iovs: Vec::new(),
             targets: Vec::new(),
+            spare: Vec::new(),
         }))
     }
 }
@@ -253,6 +245,8 @@ pub struct SwitchQueue {
     iovs: Vec<libc::iovec>,
     /// Each receiver of the burst with the indexes of its frames in `staged`, in order.
     targets: Vec<(Arc<Member>, Vec<u32>)>,
+    /// Emptied index lists of earlier bursts, reused so a steady stream allocates nothing.
+    spare: Vec<Vec<u32>>,
 }
 
 // SAFETY: `iovs` only holds pointers into guest memory during one TX burst (from `send` to the
@@ -306,14 +300,18 @@ impl HostQueue for SwitchQueue {
             self.hdr_len = self.member.rx.hdr_len();
         }
         let index = self.staged.len() as u32;
-        let targets = &mut self.targets;
+        let (targets, spare) = (&mut self.targets, &mut self.spare);
         // SAFETY: the worker hands us readable guest buffers, which stay the device's until
         // our `flush` returns (`flush_before_release`).
         let f = unsafe {
-            self.switch.decide(&self.member, iov, self.hdr_len, |m| {
+            self.switch.decide(&self.member, iov, self.hdr_len, |m, _| {
                 match targets.iter_mut().find(|(t, _)| t.id == m.id) {
                     Some((_, v)) => v.push(index),
-                    None => targets.push((m.clone(), vec![index])),
+                    None => {
+                        let mut v = spare.pop().unwrap_or_default();
+                        v.push(index);
+                        targets.push((m.clone(), v));
+                    }
                 }
             })
         }?;
@@ -326,14 +324,18 @@ impl HostQueue for SwitchQueue {
     fn flush(&mut self) -> vhost_net_backend::TxDrops {
         // The burst's frames go to each receiver in one pass, straight into its guest when it
         // can take them now.
-        for (m, which) in self.targets.drain(..) {
+        let mut targets = std::mem::take(&mut self.targets);
+        for (m, mut which) in targets.drain(..) {
             // SAFETY: the staged iovecs point into this guest's TX buffers, still the device's
             // until this flush returns.
             unsafe {
                 self.switch
                     .deliver_staged(&m, &self.staged, &self.iovs, &which)
             };
+            which.clear();
+            self.spare.push(which);
         }
+        self.targets = targets;
         self.staged.clear();
         self.iovs.clear();
         vhost_net_backend::TxDrops::default()
