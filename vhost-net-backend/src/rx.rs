@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use crate::chain::{collect_chain, write_at, Access};
 use crate::features::NUM_BUFFERS_OFFSET;
 use crate::stats::{DirectionStats, DropReason};
+use crate::used::UsedBatch;
 
 /// A guest receive chain taken from the avail ring but not yet filled.
 #[derive(Clone, Copy, Debug)]
@@ -70,16 +71,18 @@ impl RxBuffers {
 
     /// Takes chains from the avail ring until `need` bytes are held (or one chain, without
     /// MRG_RXBUF), and tells whether a frame can be received now. Malformed chains are returned
-    /// to the guest as used with length 0 and counted.
+    /// to the guest as used with length 0 (into `used`, published by the caller) and counted.
     ///
     /// At most `max_iov` iovecs are offered for one frame (the host queue's limit). Gathering
     /// stops there: buffers beyond it could not take any of the frame, so a guest posting many
     /// tiny buffers gets frames that fit the first `max_iov` of them, and the rest are dropped
     /// by the host queue (never retried on the same buffers).
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &mut self,
         queue: &mut Queue,
         mem: &Arc<GuestMemoryMmap>,
+        used: &mut UsedBatch,
         need: usize,
         mergeable: bool,
         max_iov: usize,
@@ -126,7 +129,7 @@ impl RxBuffers {
                     stats.drop(bad.err().unwrap_or(DropReason::BadChain));
                     // A used-ring write failure means the ring itself is outside memory; the
                     // next avail read fails the same way, so there is nothing more to do.
-                    let _ = queue.add_used(mem.as_ref(), head, 0);
+                    let _ = used.push(queue, mem.as_ref(), head, 0);
                 }
             }
         }
@@ -172,11 +175,13 @@ impl RxBuffers {
     /// last [`RxBuffers::prepare`] offered) into the held chains, writing `num_buffers` into the
     /// header when `hdr_has_num_buffers`. With `log` (a migration is running), marks what the
     /// frame occupies in the dirty log after the last write into it and before the used ring
-    /// says it is there. Returns the number of chains used.
+    /// says it is there. The chains go into `used`: the guest sees them when the caller
+    /// publishes it. Returns the number of chains used.
     pub fn complete(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+        used_ring: &mut UsedBatch,
         len: usize,
         hdr_has_num_buffers: bool,
         log: bool,
@@ -216,7 +221,7 @@ impl RxBuffers {
             self.iov.drain(..c.iov_count);
             self.capacity -= c.capacity;
             // u32: a chain's capacity is the sum of u32 descriptor lengths, bounded below.
-            let _ = queue.add_used(mem, c.head, u32::try_from(n).unwrap_or(u32::MAX));
+            let _ = used_ring.push(queue, mem, c.head, u32::try_from(n).unwrap_or(u32::MAX));
         }
         if self.chains.is_empty() {
             self.mem = None;
@@ -244,15 +249,21 @@ mod tests {
         let mut rx = RxBuffers::default();
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
+        let mut u = UsedBatch::new(q);
 
-        let Slot::Ready(iov, _) = rx.prepare(q, &m, 1500, true, 1024, &stats) else {
+        let Slot::Ready(iov, _) = rx.prepare(q, &m, &mut u, 1500, true, 1024, &stats) else {
             panic!("starved with buffers posted");
         };
         assert_eq!(iov.len(), 2);
         assert_eq!(rx.held(), 2);
         assert_eq!(q.next_avail(), 2);
-        assert_eq!(rx.complete(q, &m, 1200, true, false), 2);
+        assert_eq!(rx.complete(q, &m, &mut u, 1200, true, false), 2);
         assert_eq!(rx.held(), 0);
+        assert!(
+            d.all_used().is_empty(),
+            "the guest sees nothing before publish"
+        );
+        u.publish(q, m.as_ref()).unwrap();
         assert_eq!(
             d.all_used(),
             vec![(u32::from(bufs[0].0), 1000), (u32::from(bufs[1].0), 200)]
@@ -260,15 +271,15 @@ mod tests {
         assert_eq!(d.read(bufs[0].1 + 10, 2), vec![2, 0]);
 
         // The two remaining buffers; a frame of exactly one buffer uses one.
-        let Slot::Ready(..) = rx.prepare(q, &m, 1500, true, 1024, &stats) else {
+        let Slot::Ready(..) = rx.prepare(q, &m, &mut u, 1500, true, 1024, &stats) else {
             panic!("starved with buffers posted");
         };
-        assert_eq!(rx.complete(q, &m, 1000, false, false), 1);
+        assert_eq!(rx.complete(q, &m, &mut u, 1000, false, false), 1);
         // Without a num_buffers field nothing is written into the header area.
         assert_eq!(d.read(bufs[2].1 + 10, 2), vec![0xee, 0xee]);
         // One buffer of 1000 bytes left, 1500 needed, ring not full: starved, still held.
         assert!(matches!(
-            rx.prepare(q, &m, 1500, true, 1024, &stats),
+            rx.prepare(q, &m, &mut u, 1500, true, 1024, &stats),
             Slot::Starved
         ));
         assert_eq!(rx.held(), 1);
@@ -290,13 +301,15 @@ mod tests {
         let mut rx = RxBuffers::default();
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
-        let Slot::Ready(iov, _) = rx.prepare(q, &m, 1500, false, 1024, &stats) else {
+        let mut u = UsedBatch::new(q);
+        let Slot::Ready(iov, _) = rx.prepare(q, &m, &mut u, 1500, false, 1024, &stats) else {
             panic!("starved with a good buffer posted");
         };
         assert_eq!(iov.len(), 1);
         assert_eq!(iov[0].iov_len, 2048);
         assert_eq!(stats.drops_of(DropReason::BadChain), 1);
-        assert_eq!(rx.complete(q, &m, 100, true, false), 1);
+        assert_eq!(rx.complete(q, &m, &mut u, 100, true, false), 1);
+        u.publish(q, m.as_ref()).unwrap();
         assert_eq!(
             d.all_used(),
             vec![(u32::from(empty), 0), (u32::from(good), 100)]

@@ -230,6 +230,12 @@ impl<'a> Driver<'a> {
     }
 
     /// The used ring's `idx`.
+    /// Where the used ring's index lives, to read it while the driver is borrowed elsewhere.
+    pub fn used_idx_addr(&self) -> GuestAddress {
+        self.used_addr.unchecked_add(2)
+    }
+
+    /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(self.used_addr.unchecked_add(2)).unwrap()
     }

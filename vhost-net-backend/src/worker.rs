@@ -25,6 +25,8 @@ use crate::used::{UsedBatch, UsedError};
 const BUDGET: usize = 256;
 /// TX chains gathered behind one read of the avail index.
 const TX_BATCH: usize = 32;
+/// Received frames between two used-index updates of the RX ring.
+const RX_BATCH: usize = 32;
 
 /// Per-direction index inside a worker's pair of vrings.
 const RX: usize = 0;
@@ -499,6 +501,10 @@ impl QueuePairWorker {
         let need = self.hdr_len + self.max_frame;
         let _ = q.disable_notification(mem.as_ref());
         let mut starved_retries = 0;
+        // Completed chains are published every RX_BATCH frames, when the guest has to post
+        // more buffers, and at the end of the pass: one used-index store per batch.
+        let mut used = UsedBatch::new(q);
+        let mut unpublished = 0;
         // Host frames taken this pass, delivered or dropped: frames the guest's buffers cannot
         // take are consumed too, and a flood of them must not keep the ring locked for good.
         let mut taken = 0;
@@ -507,9 +513,14 @@ impl QueuePairWorker {
                 pass.more = true;
                 break;
             }
+            if unpublished >= RX_BATCH {
+                let _ = used.publish(q, mem.as_ref());
+                unpublished = 0;
+            }
             let (iov, capacity) = match self.rx_bufs.prepare(
                 q,
                 mem,
+                &mut used,
                 need,
                 self.mergeable,
                 self.rx_max_iov,
@@ -522,9 +533,12 @@ impl QueuePairWorker {
                             .rx_ring_full
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    // Ask the guest for a kick when it posts buffers; re-check for a race.
-                    // Bounded retries: see `empty_passes` in process_tx. Notifications stay
-                    // enabled when we give up, so the guest's next buffer wakes us.
+                    // The guest refills what it sees used: show it everything first. Then ask
+                    // it for a kick when it posts buffers; re-check for a race. Bounded
+                    // retries: see `empty_passes` in process_tx. Notifications stay enabled
+                    // when we give up, so the guest's next buffer wakes us.
+                    let _ = used.publish(q, mem.as_ref());
+                    unpublished = 0;
                     match q.enable_notification(mem.as_ref()) {
                         Ok(true) if avail_idx_sane(q, mem) && starved_retries < 2 => {
                             starved_retries += 1;
@@ -547,8 +561,15 @@ impl QueuePairWorker {
                 // that did not fit, and the buffers wait for the next frame.
                 Ok(len) if len >= self.hdr_len && len <= capacity => {
                     let hdr_has_num_buffers = self.hdr_len > crate::features::VNET_HDR_LEN_LEGACY;
-                    self.rx_bufs
-                        .complete(q, mem, len, hdr_has_num_buffers, self.logging);
+                    self.rx_bufs.complete(
+                        q,
+                        mem,
+                        &mut used,
+                        len,
+                        hdr_has_num_buffers,
+                        self.logging,
+                    );
+                    unpublished += 1;
                     self.stats.rx.frame(len - self.hdr_len);
                     pass.moved += 1;
                     taken += 1;
@@ -580,7 +601,10 @@ impl QueuePairWorker {
                 }
             }
         }
-        if pass.moved > 0 && q.needs_notification(mem.as_ref()).unwrap_or(true) {
+        // A used ring outside guest memory fails every write alike; chains already pushed
+        // stay unpublished and the guest sees a stuck ring it broke itself.
+        let _ = used.publish(q, mem.as_ref());
+        if pass.moved > 0 && used.needs_notification(q, mem.as_ref()) {
             let _ = state.signal_used_queue();
             self.stats
                 .rx
@@ -1150,6 +1174,42 @@ mod tests {
         // The host queue was not read, and what the worker knows of it did not change.
         assert!(p.host.state().recv_capacity.is_empty());
         assert_eq!(p.worker.host_readable, readable);
+    }
+
+    #[test]
+    fn rx_used_index_moves_once_per_batch_and_before_waiting_for_buffers() {
+        let (gm, mem) = guest_memory();
+        let mut p = pair(&gm, &mem, (128, 16), 1500, V1 | MRG);
+        let call = install_call(&p.vrings[RX]);
+        for _ in 0..70 {
+            p.rx.add_rx(1536);
+        }
+        p.run(false);
+        let idx_at = p.rx.used_idx_addr();
+        let f = frame(12, 12 + 60, 7);
+        // The used index the guest could see when each frame was handed over.
+        let mut seen: Vec<u16> = Vec::new();
+        let mut src = |iov: &[libc::iovec]| -> io::Result<usize> {
+            if seen.len() == 100 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            seen.push(gm.read_obj(idx_at).unwrap());
+            // SAFETY: the worker hands over writable guest buffers for this call.
+            unsafe { std::ptr::copy_nonoverlapping(f.as_ptr(), iov[0].iov_base.cast(), f.len()) };
+            Ok(f.len())
+        };
+        p.worker.rx_from(&mut src);
+        let expect: Vec<u16> = (0..70u16)
+            .map(|k| k / RX_BATCH as u16 * RX_BATCH as u16)
+            .collect();
+        assert_eq!(seen, expect, "one index update per {RX_BATCH} frames");
+        // Out of buffers: all 70 are published before the device waits for more, with one
+        // interrupt for the pass.
+        assert_eq!(p.rx.used_idx(), 70);
+        assert_eq!(p.rx.all_used().len(), 70);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(p.stats.rx.frames.load(Relaxed), 70);
+        assert_eq!(p.stats.rx_ring_full.load(Relaxed), 1);
     }
 
     #[test]
