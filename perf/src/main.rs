@@ -57,9 +57,12 @@ enum Cmd {
     /// The kernel-floor writer the `vmless` scenario runs (see `kernel-floor-tap`).
     #[command(hide = true)]
     FloorWriter {
-        /// Tap to write into (made with `vnet_hdr`).
+        /// How to reach the kernel.
+        #[arg(long, value_enum, default_value = "writev")]
+        method: floor::Method,
+        /// Tap (made with `vnet_hdr`) or interface to write into.
         #[arg(long)]
-        tap: String,
+        port: String,
         /// Ethernet frame length.
         #[arg(long)]
         frame_len: usize,
@@ -89,7 +92,7 @@ pub struct RunOpts {
     /// Results directory [default: perf/results/<date-time> in the workspace].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Only these backends/paths (repeatable): kernel-floor-tap, vhost-pump-tap, vhost-pump-afpacket,
+    /// Only these backends/paths (repeatable): kernel-floor-tap, kernel-floor-tap-uring, kernel-floor-afpacket, vhost-pump-tap, vhost-pump-afpacket,
     /// dpdk-vhost-tap, dpdk-vhost-afpacket, qemu-tap, kata-tcfilter, vhost-pump-switch,
     /// vhost-pump-bridge.
     #[arg(long = "backend", value_name = "NAME")]
@@ -641,10 +644,11 @@ fn main() -> ExitCode {
             println!("{}", dir.join(report::TABLE).display());
         }),
         Cmd::FloorWriter {
-            tap,
+            method,
+            port,
             frame_len,
             secs,
-        } => floor::write_loop(&tap, frame_len, secs),
+        } => floor::write_loop(method, &port, frame_len, secs),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,8 @@
 //!   TSO frames in flight (see [`crate::gso`]); Gbit/s of what the host interface received.
 //!   DPDK's backends have no GSO path here: their PMDs carry no GSO metadata.
 //!
-//! Backends in the same run, same pinning: the kernel floor (a `writev` loop into a tap, see
+//! Backends in the same run, same pinning: the kernel floors (write loops with no virtqueue
+//! into a tap by `writev` and by io_uring, and into an AF_PACKET TX ring on a veth; see
 //! [`crate::floor`]), vhost-pump tap mode, vhost-pump AF_PACKET mode on a veth, DPDK's
 //! `net_vhost` + `net_tap`, DPDK's `net_vhost` + `net_af_packet` on a veth.
 
@@ -21,16 +22,19 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::daemon::{self, DaemonOpts, Port, StartError};
+use crate::floor::Method;
 use crate::gen::{GenConfig, Generator};
 use crate::record::{Record, Status};
 use crate::sys::{self, IfCounters, Netns, Proc, Usage};
 use crate::testpmd::{self, Testpmd, TestpmdOpts};
 use crate::{Lab, RunOpts};
 
-/// The backends of this scenario (`kernel-floor-tap`: the kernel's own limit, see
+/// The backends of this scenario (`kernel-floor-*`: the kernel's own limits, see
 /// [`crate::floor`]).
-pub const BACKENDS: [&str; 5] = [
+pub const BACKENDS: [&str; 7] = [
     "kernel-floor-tap",
+    "kernel-floor-tap-uring",
+    "kernel-floor-afpacket",
     "vhost-pump-tap",
     "vhost-pump-afpacket",
     "dpdk-vhost-tap",
@@ -50,7 +54,7 @@ pub fn planned(opts: &RunOpts) -> u64 {
     let wanted = |b: &str| opts.backends.is_empty() || opts.backends.iter().any(|x| x == b);
     let n_backends = BACKENDS
         .iter()
-        .filter(|b| **b != "kernel-floor-tap" && wanted(b))
+        .filter(|b| !b.starts_with("kernel-floor") && wanted(b))
         .count() as u64;
     let sizes = opts.sizes.len() as u64;
     let ndr = if opts.no_ndr {
@@ -58,8 +62,12 @@ pub fn planned(opts: &RunOpts) -> u64 {
     } else {
         opts.ndr_sizes.len() as u64
     };
-    // The floor: guest → tap only, one queue.
-    let floor = if wanted("kernel-floor-tap") { sizes } else { 0 };
+    // The floors: guest → host only, one queue.
+    let floors = BACKENDS
+        .iter()
+        .filter(|b| b.starts_with("kernel-floor") && wanted(b))
+        .count() as u64;
+    let floor = floors * sizes;
     // One 64 KiB TSO figure per vhost-pump backend and queue count.
     let gso = BACKENDS
         .iter()
@@ -140,9 +148,9 @@ pub fn measure_backend(lab: &mut Lab, backend: &str, queues: u32, plan: &Plan) {
 }
 
 fn measure_group(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan) {
-    if backend == "kernel-floor-tap" {
+    if backend.starts_with("kernel-floor") {
         if queues == 1 {
-            measure_floor(lab, mtu, plan);
+            measure_floor(lab, backend, mtu, plan);
         }
         return;
     }
@@ -197,19 +205,50 @@ fn base_record(
     r
 }
 
-/// The tap floor: a `writev` loop pinned to the backend's core, frames counted by the tap.
-fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
+/// The floor `backend` stands for: how its writer reaches the kernel, and a description for
+/// the record's commands.
+fn floor_method(backend: &str) -> Option<(Method, &'static str)> {
+    match backend {
+        "kernel-floor-tap" => Some((Method::Writev, "one writev per frame into a tap")),
+        "kernel-floor-tap-uring" => Some((
+            Method::Uring,
+            "writevs into a tap, 32 per io_uring submission",
+        )),
+        "kernel-floor-afpacket" => Some((
+            Method::TxRing,
+            "AF_PACKET TX ring on a veth, 32 slots per send, qdisc bypass",
+        )),
+        _ => None,
+    }
+}
+
+/// A kernel floor (see [`crate::floor`]): a write loop pinned to the backend's core, frames
+/// counted by the port's receiving side (the tap, or the veth's peer).
+fn measure_floor(lab: &mut Lab, backend: &str, mtu: u32, plan: &Plan) {
+    let Some((method, how)) = floor_method(backend) else {
+        return;
+    };
     lab.begin();
-    lab.status(format!("{}: kernel floor (tap, mtu={mtu})", plan.scenario));
+    lab.status(format!("{}: {backend} (mtu={mtu})", plan.scenario));
+    let (port, counted) = match method {
+        Method::TxRing => (VETH_A, VETH_B),
+        Method::Writev | Method::Uring => (FLOOR_TAP, FLOOR_TAP),
+    };
     let ns = match Netns::create(NS).and_then(|ns| {
-        ns.ip(&["tuntap", "add", FLOOR_TAP, "mode", "tap", "vnet_hdr"])?;
-        ns.ip(&["link", "set", FLOOR_TAP, "mtu", &mtu.to_string(), "up"])?;
+        match method {
+            // Offloads as vhost-pump's AF_PACKET backend gets them in this scenario.
+            Method::TxRing => veth_pair(&ns, VETH_A, VETH_B, mtu, !veth_offloads_on())?,
+            Method::Writev | Method::Uring => {
+                ns.ip(&["tuntap", "add", FLOOR_TAP, "mode", "tap", "vnet_hdr"])?;
+                ns.ip(&["link", "set", FLOOR_TAP, "mtu", &mtu.to_string(), "up"])?;
+            }
+        }
         Ok(ns)
     }) {
         Ok(ns) => ns,
         Err(e) => {
             for &size in &plan.sizes {
-                let mut r = base_record(plan, plan.test, "kernel-floor-tap", "guest-tx", size, 1);
+                let mut r = base_record(plan, plan.test, backend, "guest-tx", size, 1);
                 r.fail(Status::Failed, format!("{e:#}"));
                 lab.record(r);
             }
@@ -218,11 +257,14 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
     };
     let setup = sys::peek_cmds();
     let d = lab.duration(plan.scenario);
+    let method_arg = format!("{method:?}")
+        .to_lowercase()
+        .replace("txring", "tx-ring");
     for &size in &plan.sizes {
         if sys::interrupted() {
             return;
         }
-        let mut r = base_record(plan, plan.test, "kernel-floor-tap", "guest-tx", size, 1);
+        let mut r = base_record(plan, plan.test, backend, "guest-tx", size, 1);
         r.duration_s = d.as_secs_f64();
         let res = (|| -> Result<()> {
             let exe = std::env::current_exe()?;
@@ -233,8 +275,10 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
                 lab.cpus.backend.to_string(),
                 exe.to_string_lossy().into_owned(),
                 "floor-writer".into(),
-                "--tap".into(),
-                FLOOR_TAP.into(),
+                "--method".into(),
+                method_arg.clone(),
+                "--port".into(),
+                port.into(),
                 "--frame-len".into(),
                 (size - 4).to_string(),
                 "--secs".into(),
@@ -242,15 +286,15 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
             ];
             let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
             let mut p = Proc::spawn(
-                "kernel-floor-tap",
+                backend,
                 ns.cmd(&refs),
-                &lab.log(&format!("vmless-kernel-floor-{size}")),
+                &lab.log(&format!("vmless-{backend}-{size}")),
             )?;
             std::thread::sleep(settle(d));
-            let c0 = ns.counters(FLOOR_TAP)?;
+            let c0 = ns.counters(counted)?;
             let u0 = Usage::now(&[p.pid()]);
             std::thread::sleep(d);
-            let c1 = ns.counters(FLOOR_TAP)?;
+            let c1 = ns.counters(counted)?;
             let u = Usage::now(&[p.pid()]).since(&u0);
             let t = std::time::Instant::now();
             while p.exited().is_none() && t.elapsed() < Duration::from_secs(10) {
@@ -258,7 +302,7 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
             }
             let received = c1.rx_packets - c0.rx_packets;
             if received == 0 {
-                bail!("no frame reached the tap");
+                bail!("no frame reached {counted}");
             }
             fill(lab, &mut r, received, received, u, size);
             Ok(())
@@ -268,7 +312,7 @@ fn measure_floor(lab: &mut Lab, mtu: u32, plan: &Plan) {
         }
         let mut cmds = setup.clone();
         cmds.push(format!(
-            "vhost-pump-perf floor-writer --tap {FLOOR_TAP} --frame-len {} (writev loop, 12-byte vnet header, pinned to the backend core)",
+            "vhost-pump-perf floor-writer --method {method_arg} --port {port} --frame-len {} ({how}, pinned to the backend core)",
             size - 4
         ));
         r.commands = cmds;
