@@ -808,12 +808,24 @@ fn spoofed_source_is_dropped_with_port_security() {
             "[[switch]]\nname = \"sw0\"\n".to_string()
                 + &port_toml(dir, "a", "sw0", mac(1), "port_security = true")
                 + &port_toml(dir, "b", "sw0", mac(2), "")
+                + &port_toml(dir, "c", "sw0", mac(3), "")
         });
-        let [mut a, mut b] = ["a", "b"].map(|n| Vm::connect(n, &d.socket(n)));
-        // b is known, so a spoofed unicast would be forwarded to it if it got through.
+        let [mut a, mut b, mut c] = ["a", "b", "c"].map(|n| Vm::connect(n, &d.socket(n)));
+        // b and c are known, so a spoofed unicast would be forwarded if it got through.
         let y = data(BCAST, mac(2), 1);
         b.send(&y);
-        expect_frames(&mut [&mut a, &mut b], &[vec![y], vec![]], "b's broadcast");
+        expect_frames(
+            &mut [&mut a, &mut b, &mut c],
+            &[vec![y.clone()], vec![], vec![y]],
+            "b's broadcast",
+        );
+        let z = data(BCAST, mac(3), 1);
+        c.send(&z);
+        expect_frames(
+            &mut [&mut a, &mut b, &mut c],
+            &[vec![z.clone()], vec![z], vec![]],
+            "c's broadcast",
+        );
         let spoofed = [
             data(mac(2), mac(9), 2),
             data(BCAST, mac(9), 3),
@@ -822,7 +834,11 @@ fn spoofed_source_is_dropped_with_port_security() {
         for f in &spoofed {
             a.send(f);
         }
-        expect_frames(&mut [&mut a, &mut b], &[vec![], vec![]], "spoofed frames");
+        expect_frames(
+            &mut [&mut a, &mut b, &mut c],
+            &[vec![], vec![], vec![]],
+            "spoofed frames",
+        );
         assert_eq!(d.queue_drops("a", "tx", "spoofed_source"), 3);
         let ca = d.counters()["a"].clone();
         assert_eq!(
@@ -837,10 +853,29 @@ fn spoofed_source_is_dropped_with_port_security() {
         // a's own MAC goes through.
         let x = data(mac(2), mac(1), 5);
         a.send(&x);
-        expect_frames(&mut [&mut a, &mut b], &[vec![], vec![x]], "a's own frame");
+        expect_frames(
+            &mut [&mut a, &mut b, &mut c],
+            &[vec![], vec![x], vec![]],
+            "a's own frame",
+        );
         assert_eq!(d.queue_drops("a", "tx", "spoofed_source"), 3);
         assert_eq!(d.counter("a", "forwarded"), 1);
-        println!("port security: 3 spoofed frames dropped and counted, a's own frame delivered");
+        // One burst to two receivers: each frame leaves with its own checked header and
+        // addresses, although the switch copies the burst only at its end.
+        let burst: Vec<Vec<u8>> = (0..16)
+            .map(|i| data(mac(2 + (i % 2) as u8), mac(1), 10 + i))
+            .collect();
+        a.send_burst(&burst);
+        let (to_b, to_c): (Vec<_>, Vec<_>) = burst.into_iter().partition(|f| f[5] == 2);
+        expect_frames(
+            &mut [&mut a, &mut b, &mut c],
+            &[vec![], to_b, to_c],
+            "a burst to b and c",
+        );
+        println!(
+            "port security: 3 spoofed frames dropped and counted, a's own frames delivered, a \
+             burst to two receivers arrives intact"
+        );
         drop(d);
     });
 }

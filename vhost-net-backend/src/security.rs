@@ -2,7 +2,9 @@
 //!
 //! The checked bytes are copied out of guest memory, and the host port is handed that copy
 //! followed by the rest of the frame in place: a guest that rewrites the address after the
-//! check (from another vCPU) cannot get a different one sent.
+//! check (from another vCPU) cannot get a different one sent. Each copy stays untouched for the
+//! next [`HEAD_COPIES`]` - 1` checks, so a host queue that reads a burst's frames only in its
+//! `flush` (`HostQueue::flush_before_release`) finds every frame's own checked start.
 
 use crate::chain::read_at;
 use crate::features::VNET_HDR_LEN_V1;
@@ -12,11 +14,17 @@ const ETH_ADDRS: usize = 12;
 /// The longest virtio-net header and the two addresses: the bytes copied and checked.
 const MAX_HEAD: usize = VNET_HDR_LEN_V1 + ETH_ADDRS;
 
+/// Checked frame starts kept at once: at least the frames of one TX burst.
+pub const HEAD_COPIES: usize = 64;
+
 /// Checks the Ethernet source address of guest frames against one MAC.
 pub struct SourceCheck {
     mac: [u8; 6],
-    /// The checked start of the current frame: virtio-net header, destination, source.
-    head: [u8; MAX_HEAD],
+    /// The checked starts of the last [`HEAD_COPIES`] frames (virtio-net header, destination,
+    /// source), used in turn.
+    heads: Box<[[u8; MAX_HEAD]; HEAD_COPIES]>,
+    /// The slot of `heads` the next check fills.
+    next: usize,
     /// The iovecs of the current frame: `head`, then the guest's past it.
     iov: Vec<libc::iovec>,
 }
@@ -30,7 +38,8 @@ impl SourceCheck {
     pub fn new(mac: [u8; 6]) -> Self {
         SourceCheck {
             mac,
-            head: [0; MAX_HEAD],
+            heads: Box::new([[0; MAX_HEAD]; HEAD_COPIES]),
+            next: 0,
             iov: Vec::with_capacity(8),
         }
     }
@@ -45,16 +54,20 @@ impl SourceCheck {
     /// address is not the port's MAC, or the frame is too short to have one.
     ///
     /// The result points into `self` and into the memory of `iov`; it is valid while both are.
+    /// The copy its first iovec points to keeps its bytes for the next [`HEAD_COPIES`]` - 1`
+    /// checks.
     ///
     /// # Safety
     /// Every entry of `iov` must describe memory valid for reads.
     pub unsafe fn check(&mut self, iov: &[libc::iovec], hdr_len: usize) -> Option<&[libc::iovec]> {
         let n = hdr_len + ETH_ADDRS;
-        let head = self.head.get_mut(..n)?;
+        let slot = self.next;
+        let head = self.heads[slot].get_mut(..n)?;
         // SAFETY: the caller vouches for the iovecs.
         if !unsafe { read_at(iov, 0, head) } || head[hdr_len + 6..] != self.mac {
             return None;
         }
+        self.next = (slot + 1) % HEAD_COPIES;
         self.iov.clear();
         self.iov.push(libc::iovec {
             iov_base: head.as_mut_ptr().cast(),
@@ -152,5 +165,32 @@ mod tests {
         // SAFETY: the iovec points at `f`, alive and not otherwise borrowed here.
         unsafe { *iov[0].iov_base.cast::<u8>().add(12 + 6 + 5) = 9 };
         assert_eq!(gather(out)[12 + 6..12 + 12], MAC);
+    }
+
+    #[test]
+    fn a_bursts_checked_copies_stay_apart_until_reused() {
+        let mut c = SourceCheck::new(MAC);
+        // Frames to different destinations: each one's copy keeps its own destination while
+        // the next HEAD_COPIES - 1 frames are checked.
+        let mut frames: Vec<Vec<u8>> = (0..=HEAD_COPIES)
+            .map(|i| {
+                let mut f = frame(12, MAC);
+                f[12 + 5] = i as u8;
+                f
+            })
+            .collect();
+        let mut firsts = Vec::new();
+        for f in frames.iter_mut() {
+            let iov = [iovec(f)];
+            // SAFETY: the iovec describes a live local frame.
+            let out = unsafe { c.check(&iov, 12) }.unwrap();
+            firsts.push(out[0]);
+        }
+        for (i, v) in firsts[..HEAD_COPIES].iter().enumerate().skip(1) {
+            let dst = gather(std::slice::from_ref(v))[12 + 5];
+            assert_eq!(dst, i as u8, "copy {i} kept its frame's destination");
+        }
+        // The copy of frame 0 was reused by frame HEAD_COPIES.
+        assert_eq!(firsts[0].iov_base, firsts[HEAD_COPIES].iov_base);
     }
 }

@@ -25,6 +25,9 @@ use crate::used::{UsedBatch, UsedError};
 const BUDGET: usize = 256;
 /// TX chains gathered behind one read of the avail index.
 const TX_BATCH: usize = 32;
+// A host queue that reads a burst's frames at flush needs each frame's port-security copy to
+// last the whole burst.
+const _: () = assert!(TX_BATCH <= crate::security::HEAD_COPIES);
 /// Received frames between two used-index updates of the RX ring.
 const RX_BATCH: usize = 32;
 
