@@ -14,7 +14,7 @@ use vhost_net_backend::config::{
 };
 use vhost_net_backend::MacAddr;
 
-use crate::config::{HostSpec, PortSpec};
+use crate::config::{HostSpec, PortSpec, TapTx};
 
 /// Serve a VM's virtio-net device over a vhost-user socket from a host tap or interface.
 #[derive(Debug, Parser)]
@@ -185,6 +185,12 @@ pub struct PortArgs {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub busy_poll_us: u32,
 
+    /// Tap mode: write guest frames into the tap through io_uring, one submission per burst
+    /// (`io-uring`), or with one `writev` per frame (`writev`); `auto` uses io_uring where the
+    /// kernel allows it.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = TapTx::Auto)]
+    pub tap_tx: TapTx,
+
     /// Owner (user name or uid) of the server socket.
     #[arg(long, value_name = "USER")]
     pub socket_owner: Option<String>,
@@ -250,6 +256,7 @@ impl PortArgs {
             live_migration: !self.no_live_migration,
             client: self.client,
             busy_poll_us: self.busy_poll_us,
+            tap_tx: self.tap_tx,
             socket_owner: self.socket_owner.clone(),
             socket_group: self.socket_group.clone(),
             socket_mode: self.socket_mode.clone(),
@@ -399,6 +406,18 @@ mod tests {
     fn spec(args: &[&str]) -> Result<PortSpec, String> {
         let args = parse(args).map_err(|e| e.to_string())?;
         args.port.to_spec("p").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tap_tx_flag() {
+        let base = ["--socket", "/tmp/s", "--tap", "t0"];
+        assert_eq!(spec(&base).unwrap().tap_tx, TapTx::Auto);
+        for (v, want) in [("writev", TapTx::Writev), ("io-uring", TapTx::IoUring)] {
+            let a = spec(&[&base[..], &["--tap-tx", v]].concat()).unwrap();
+            assert_eq!(a.tap_tx, want);
+        }
+        let err = spec(&[&base[..], &["--tap-tx", "sendmmsg"]].concat()).unwrap_err();
+        assert!(err.contains("io-uring"), "{err}");
     }
 
     #[test]

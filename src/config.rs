@@ -57,6 +57,26 @@ pub enum HostSpec {
     Switch(String),
 }
 
+/// How a tap port writes guest frames into the tap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TapTx {
+    /// io_uring where the kernel allows it, else `writev`.
+    #[default]
+    Auto,
+    /// One io_uring submission per burst of frames (one `writev` request each); the port
+    /// fails to start where io_uring is unavailable.
+    IoUring,
+    /// One `writev` system call per frame.
+    Writev,
+}
+
+impl TapTx {
+    fn is_auto(&self) -> bool {
+        *self == TapTx::Auto
+    }
+}
+
 fn default_queues() -> u16 {
     1
 }
@@ -112,6 +132,9 @@ pub struct PortSpec {
     /// Busy-poll window after work, in microseconds.
     #[serde(default = "default_busy_poll")]
     pub busy_poll_us: u32,
+    /// Tap ports: how frames are written into the tap. Written out only when not `auto`.
+    #[serde(default, skip_serializing_if = "TapTx::is_auto")]
+    pub tap_tx: TapTx,
     /// Owner (user name or uid) of the server socket.
     #[serde(default)]
     pub socket_owner: Option<String>,
@@ -264,6 +287,9 @@ impl PortSpec {
         if self.busy_poll_us > 1_000_000 {
             return Err(self.invalid("busy_poll_us must be at most 1000000"));
         }
+        if self.tap_tx != TapTx::Auto && !matches!(self.host, HostSpec::Tap(_)) {
+            return Err(self.invalid("tap_tx is for tap ports"));
+        }
         if self.mac_filter {
             if !matches!(self.host, HostSpec::AfPacket(_)) {
                 return Err(self.invalid(
@@ -376,6 +402,26 @@ mac = "02:00:00:00:00:01"
             .unwrap_err()
             .to_string();
         assert!(err.contains("port_security needs mac"), "{err}");
+    }
+
+    #[test]
+    fn tap_tx_is_read_and_written_only_when_not_auto() {
+        let c = DaemonConfig::parse(&GOOD.replace("mtu = 9000", "tap_tx = \"writev\"")).unwrap();
+        assert_eq!(c.port[0].tap_tx, TapTx::Writev);
+        assert_eq!(c.port[1].tap_tx, TapTx::Auto);
+        let text = c.to_toml().unwrap();
+        assert_eq!(text.matches("tap_tx").count(), 1, "{text}");
+        assert_eq!(DaemonConfig::parse(&text).unwrap().port, c.port);
+        let c = DaemonConfig::parse(&GOOD.replace("mtu = 9000", "tap_tx = \"io-uring\"")).unwrap();
+        assert_eq!(c.port[0].tap_tx, TapTx::IoUring);
+        let err = DaemonConfig::parse(&GOOD.replace("mtu = 9000", "tap_tx = \"sendmmsg\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tap_tx") || err.contains("variant"), "{err}");
+        let err = DaemonConfig::parse(&GOOD.replace("client = true", "tap_tx = \"writev\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tap_tx is for tap ports"), "{err}");
     }
 
     #[test]

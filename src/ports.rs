@@ -243,7 +243,7 @@ impl RunningPort {
         let mut switch = None;
         let (port, mtu): (Arc<dyn HostPort>, u16) = match &spec.host {
             HostSpec::Tap(name) => {
-                let tap = TapPort::open(name, queues, spec.mtu)?;
+                let tap = TapPort::open(name, queues, spec.mtu, spec.tap_tx)?;
                 let mtu = tap.mtu();
                 (Arc::new(tap), mtu)
             }

@@ -189,6 +189,10 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
         libc::SYS_write,
         libc::SYS_readv,
         libc::SYS_writev,
+        // Tap queues written through io_uring (see `crate::tap::uring`): the ring is set up and
+        // locked down before the thread is sandboxed, so neither io_uring_setup nor
+        // io_uring_register is allowed.
+        libc::SYS_io_uring_enter,
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
         libc::SYS_recvfrom,

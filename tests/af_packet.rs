@@ -1815,7 +1815,9 @@ fn vmless_rates() {
         }
         // The same loop through tap mode's queue, for comparison (one writev per frame).
         {
-            let tap = vhost_pump::tap::TapPort::open("vpt0", 1, None).unwrap();
+            let tap =
+                vhost_pump::tap::TapPort::open("vpt0", 1, None, vhost_pump::config::TapTx::Writev)
+                    .unwrap();
             tap.configure(HDR, ALL).unwrap();
             let mut tq = tap.take_queue(0).unwrap();
             for len in [64usize, 1500] {

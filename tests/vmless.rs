@@ -227,7 +227,10 @@ fn per_second(n: u64, d: Duration) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Host {
     /// A tap the daemon creates; the test sends out of it and counts what the daemon wrote.
+    /// Guest frames go in through io_uring (the default where the kernel has it).
     Tap,
+    /// The same with one `writev` per frame (`--tap-tx writev`).
+    TapWritev,
     /// AF_PACKET on `VETH.0`; the test sends into and counts at `VETH.1`.
     AfPacket,
 }
@@ -236,7 +239,7 @@ impl Host {
     /// The interface the test watches and injects on.
     fn far_end(self) -> &'static str {
         match self {
-            Host::Tap => TAP,
+            Host::Tap | Host::TapWritev => TAP,
             Host::AfPacket => VETH.1,
         }
     }
@@ -252,8 +255,13 @@ fn with_daemon(test: &str, host: Host, queues: u16, f: impl FnOnce(&TempDir, &mu
     in_new_netns(|| {
         let dir = TempDir::new("vmless");
         let q = queues.to_string();
+        let mut args = vec!["--queues", &q, "--mac", MAC_STR];
         let port = match host {
             Host::Tap => ("--tap", TAP),
+            Host::TapWritev => {
+                args.extend(["--tap-tx", "writev"]);
+                ("--tap", TAP)
+            }
             Host::AfPacket => {
                 netns::ip(&[
                     "link", "add", VETH.0, "type", "veth", "peer", "name", VETH.1,
@@ -264,12 +272,7 @@ fn with_daemon(test: &str, host: Host, queues: u16, f: impl FnOnce(&TempDir, &mu
                 ("--af-packet", VETH.0)
             }
         };
-        let mut d = Daemon::start_on(
-            &dir.join("vu.sock"),
-            port,
-            &["--queues", &q, "--mac", MAC_STR],
-            &dir.join("daemon.log"),
-        );
+        let mut d = Daemon::start_on(&dir.join("vu.sock"), port, &args, &dir.join("daemon.log"));
         f(&dir, &mut d);
         d.assert_alive();
     });
@@ -478,7 +481,25 @@ fn guest_tx_64_byte_frames_reach_the_tap() {
 fn guest_tx_1500_byte_frames_reach_the_tap() {
     let t = "guest_tx_1500_byte_frames_reach_the_tap";
     with_daemon(t, Host::Tap, 1, |dir, d| {
-        tx_round(t, dir, d, Host::Tap, 1, 1500, FORWARD_TIME)
+        tx_round(t, dir, d, Host::Tap, 1, 1500, FORWARD_TIME);
+        assert!(
+            d.log_text().contains("io_uring=true"),
+            "the tap is not written through io_uring:\n{}",
+            d.log_text()
+        );
+    });
+}
+
+#[test]
+fn guest_tx_with_one_writev_per_frame_reaches_the_tap() {
+    let t = "guest_tx_with_one_writev_per_frame_reaches_the_tap";
+    with_daemon(t, Host::TapWritev, 1, |dir, d| {
+        tx_round(t, dir, d, Host::TapWritev, 1, 64, FORWARD_TIME);
+        assert!(
+            d.log_text().contains("io_uring=false"),
+            "--tap-tx writev still uses io_uring:\n{}",
+            d.log_text()
+        );
     });
 }
 

@@ -355,6 +355,7 @@ fn add_steps(
                 live_migration: false,
                 client: conf.mode == VhostUserMode::Client,
                 busy_poll_us: conf.busy_poll_us.unwrap_or(10),
+                tap_tx: Default::default(),
                 socket_owner: conf.perms.uid.map(|u| u.to_string()),
                 socket_group: conf.perms.gid.map(|g| g.to_string()),
                 socket_mode: Some(format!("{:04o}", conf.perms.mode)),

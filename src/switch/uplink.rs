@@ -42,7 +42,11 @@ impl Uplink {
     pub fn start(sw: &Arc<Switch>, spec: &UplinkSpec) -> Result<Uplink, String> {
         let port: Arc<dyn HostPort> = match spec.kind {
             UplinkKind::Tap => {
-                Arc::new(crate::tap::TapPort::open(&spec.name, 1, None).map_err(|e| e.to_string())?)
+                // writev: the uplink hands its inbox buffers back right after `send`.
+                Arc::new(
+                    crate::tap::TapPort::open(&spec.name, 1, None, crate::config::TapTx::Writev)
+                        .map_err(|e| e.to_string())?,
+                )
             }
             UplinkKind::AfPacket => Arc::new(
                 crate::af_packet::AfPacketPort::open(&spec.name, 1, None)

@@ -1,15 +1,22 @@
 //! The tap host port: a Linux tap device (created or attached by name) with one queue fd per
 //! queue pair, virtio-net headers on every frame, and offloads programmed from the guest's choice.
+//! Guest frames go into the tap with one `writev` each, or batched through io_uring
+//! ([`uring`], the default where the kernel allows it).
+
+pub mod uring;
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
-use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue};
+use vhost_net_backend::{GuestOffloads, HostCapabilities, HostPort, HostQueue, TxDrops};
 
+use crate::config::TapTx;
 use crate::netdev::{self, IfName};
+use uring::UringTx;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -50,21 +57,39 @@ pub enum TapError {
     /// Reading or setting link state failed.
     #[error(transparent)]
     Link(#[from] netdev::LinkError),
+    /// `tap_tx = "io-uring"` was asked for and the kernel refused a ring.
+    #[error(
+        "cannot set up io_uring for tap {name}: {source} (kernel.io_uring_disabled, a container's \
+         seccomp profile or a kernel older than 5.10; tap_tx = \"writev\" works everywhere)"
+    )]
+    Uring {
+        /// Interface name.
+        name: String,
+        /// Cause.
+        source: io::Error,
+    },
 }
+
+/// What a queue is made of until its worker takes it: the tap fd and its io_uring, if any.
+type QueueParts = (OwnedFd, Option<UringTx>);
 
 /// A tap device with `queues` queue fds.
 pub struct TapPort {
     name: IfName,
     ctl: OwnedFd,
-    queues: Mutex<Vec<Option<OwnedFd>>>,
+    queues: Mutex<Vec<Option<QueueParts>>>,
     caps: HostCapabilities,
     mtu: u16,
+    /// The virtio-net header length the guest negotiated, shared with the queues.
+    hdr_len: Arc<AtomicUsize>,
 }
 
 impl TapPort {
     /// Attaches to tap `name` or creates it (in the current network namespace) with `queues`
     /// queues, brings it up, and applies `mtu` when given. Without `mtu`, the device's MTU is used.
-    pub fn open(name: &str, queues: usize, mtu: Option<u16>) -> Result<Self, TapError> {
+    /// `tx` chooses how guest frames are written (see [`TapTx`]); the io_uring rings are set up
+    /// here, on the calling (privileged) thread.
+    pub fn open(name: &str, queues: usize, mtu: Option<u16>, tx: TapTx) -> Result<Self, TapError> {
         let ifname = IfName::new(name)?;
         let existed = netdev::exists(&ifname);
         let mut fds = Vec::with_capacity(queues);
@@ -76,6 +101,26 @@ impl TapPort {
             what: "dup",
             source,
         })?;
+        let mut rings = Vec::with_capacity(queues);
+        for fd in &fds {
+            rings.push(match tx {
+                TapTx::Writev => None,
+                TapTx::IoUring => Some(UringTx::new(fd.as_raw_fd()).map_err(|source| {
+                    TapError::Uring {
+                        name: name.into(),
+                        source,
+                    }
+                })?),
+                TapTx::Auto => match UringTx::new(fd.as_raw_fd()) {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        tracing::info!(tap = name, error = %e, "io_uring unavailable, writing with writev");
+                        None
+                    }
+                },
+            });
+        }
+        let io_uring = rings.iter().all(Option::is_some);
         let port = TapPort {
             name: ifname.clone(),
             caps: HostCapabilities {
@@ -84,8 +129,9 @@ impl TapPort {
                 no_host_tso: false,
             },
             ctl,
-            queues: Mutex::new(fds.into_iter().map(Some).collect()),
+            queues: Mutex::new(fds.into_iter().zip(rings).map(Some).collect()),
             mtu: 0,
+            hdr_len: Arc::new(AtomicUsize::new(12)),
         };
         // Until the guest says otherwise, the tap hands us plain, checksummed frames.
         port.set_offload_flags(0)?;
@@ -101,6 +147,7 @@ impl TapPort {
             queues,
             mtu,
             uso = port.caps.uso,
+            io_uring,
             "tap ready"
         );
         Ok(TapPort { mtu, ..port })
@@ -191,18 +238,23 @@ impl HostPort for TapPort {
         let len = libc::c_int::try_from(vnet_hdr_len)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         self.set_hdr_len(len).map_err(io::Error::other)?;
+        self.hdr_len.store(vnet_hdr_len, Relaxed);
         self.set_offload_flags(tun_offload_flags(offloads, self.caps))
             .map_err(io::Error::other)
     }
 
     fn take_queue(&self, pair: usize) -> io::Result<Box<dyn HostQueue>> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        let fd = queues
+        let (fd, uring) = queues
             .get_mut(pair)
             .and_then(Option::take)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such tap queue"))?;
         Ok(Box::new(TapQueue {
             fd,
+            uring,
+            hdr_len: self.hdr_len.clone(),
+            name: self.name.as_str().into(),
+            late: TxDrops::default(),
             rx_iov: Vec::with_capacity(8),
             overflow: [0; 1],
         }))
@@ -212,6 +264,12 @@ impl HostPort for TapPort {
 /// One tap queue fd.
 pub struct TapQueue {
     fd: OwnedFd,
+    /// The io_uring guest frames are written through; none: one `writev` per frame.
+    uring: Option<UringTx>,
+    hdr_len: Arc<AtomicUsize>,
+    name: String,
+    /// Frames lost by a ring given up, for the next flush.
+    late: TxDrops,
     /// The iovecs of one `readv`: the guest's, then one byte of `overflow`.
     rx_iov: Vec<libc::iovec>,
     /// Catches the first byte past the guest's buffers. A tap cuts a frame longer than the
@@ -289,8 +347,42 @@ impl HostQueue for TapQueue {
         if iov.is_empty() || iov.len() > MAX_IOV {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
+        if let Some(u) = self.uring.as_mut() {
+            // SAFETY: with a ring, `flush_before_release` is true: the worker keeps the burst's
+            // buffers (and its port-security copies) unchanged until `flush` returns.
+            match unsafe { u.send(iov, self.hdr_len.load(Relaxed)) } {
+                Ok(n) => return Ok(n),
+                Err(e) => self.ring_broken(e),
+            }
+            // This frame was not queued: it is written below.
+        }
         // SAFETY: the caller guarantees every iovec is valid for reads; the count fits c_int.
         map_io(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+    }
+
+    fn flush(&mut self) -> TxDrops {
+        if let Some(u) = self.uring.as_mut() {
+            match u.flush(self.hdr_len.load(Relaxed)) {
+                Ok(d) => self.late.add(d),
+                Err(e) => self.ring_broken(e),
+            }
+        }
+        std::mem::take(&mut self.late)
+    }
+
+    fn flush_before_release(&self) -> bool {
+        self.uring.is_some()
+    }
+}
+
+impl TapQueue {
+    /// Gives up the ring for `writev` after a submission failure; the frames it lost are
+    /// reported by the next flush.
+    fn ring_broken(&mut self, e: uring::RingBroken) {
+        tracing::warn!(tap = %self.name, error = %e, "io_uring failed, writing with writev from now on");
+        if let Some(mut u) = self.uring.take() {
+            self.late.add(u.take_late());
+        }
     }
 }
 
