@@ -1,20 +1,28 @@
-//! 64 KiB TCP segmentation offload (TSO) frames from one VM-less guest to another, for the
-//! `switch` scenario: two raw vhost-user frontends (`testkit::vhost_driver`) over memfd
-//! memory, no DPDK. The sender acks `CSUM` + `HOST_TSO4` and keeps its TX ring full of one
-//! 64 KiB TCP/IPv4 frame with a TSO header (`gso_size` 1448, partial checksum); the receiver
-//! acks `GUEST_CSUM` + `GUEST_TSO4` without mergeable buffers, so it posts 66 KiB buffers, and
-//! waits for interrupts between batches. The figure is what the receiver got, in Gbit/s of
-//! Ethernet frame bytes: a backend that keeps the frame whole moves one descriptor per 44
-//! segments.
+//! 64 KiB TCP segmentation offload (TSO) frames through a backend without a VM, over raw
+//! vhost-user frontends (`testkit::vhost_driver`) with memfd memory, no DPDK (whose PMDs carry
+//! no GSO metadata):
+//! - guest → guest (the `switch` scenario, [`measure`]) and guest → host ([`send_to_host`]):
+//!   the sender acks `CSUM` + `HOST_TSO4` and keeps its TX ring full of one 64 KiB TCP/IPv4
+//!   frame with a TSO header (`gso_size` 1448, partial checksum);
+//! - host → guest ([`receive_from_host`]): a thread in the lab's namespace sends the same frame,
+//!   virtio-net header first (`PACKET_VNET_HDR`), into the host interface through AF_PACKET,
+//!   as a GSO packet the kernel keeps whole where the path allows it.
+//!
+//! The receiving guest acks `GUEST_CSUM` + `GUEST_TSO4` without mergeable buffers, so it posts
+//! 66 KiB buffers, and waits for interrupts between batches. The figure is what it got, in
+//! Gbit/s of Ethernet frame bytes: a backend that keeps the frame whole moves one descriptor
+//! per 44 segments.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use testkit::vhost_driver::{Session, DESC_WRITE, VNET_HDR_LEN};
+
+use crate::gen;
 
 /// Virtio-net feature bits.
 const F_CSUM: u64 = 1 << 0;
@@ -156,6 +164,96 @@ pub struct GsoFigures {
     pub secs: f64,
 }
 
+/// A receiver session on `sock`: `RING` chains of one 66 KiB device-writable buffer each.
+fn tso_receiver(sock: &Path) -> Result<Session> {
+    let mut rx = Session::good_with(sock, &[0, 1], RING, F_GUEST_CSUM | F_GUEST_TSO4, MEM)
+        .context("receiver session")?;
+    let Session { mem, rings, .. } = &mut rx;
+    let ring = rings.iter_mut().find(|r| r.index == 0).context("rx ring")?;
+    for i in 0..RING {
+        ring.set_desc(
+            mem,
+            i,
+            BUFS + RX_BUF * u64::from(i),
+            RX_BUF as u32,
+            DESC_WRITE,
+            0,
+        );
+        ring.publish(mem, i);
+    }
+    ring.kick();
+    Ok(rx)
+}
+
+/// Frames and bytes a receiver thread counted so far.
+#[derive(Clone, Default)]
+struct Counts {
+    frames: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Counts {
+    fn now(&self) -> (u64, u64) {
+        (self.frames.load(Relaxed), self.bytes.load(Relaxed))
+    }
+}
+
+/// Takes what arrives on `rx`'s RX ring and posts the buffers again, until `stop`.
+fn spawn_receiver(
+    mut rx: Session,
+    stop: Arc<AtomicBool>,
+    counts: Counts,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || -> Result<()> {
+        let Session { mem, rings, .. } = &mut rx;
+        let ring = rings.iter_mut().find(|r| r.index == 0).context("rx ring")?;
+        let mut seen = ring.used_idx(mem);
+        while !stop.load(Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: ring.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the call.
+            unsafe { libc::poll(&mut pfd, 1, 50) };
+            let _ = ring.call.read();
+            let used = ring.used_idx(mem);
+            while seen != used {
+                let (id, len) = ring.used_elem(mem, seen);
+                counts.frames.fetch_add(1, Relaxed);
+                counts
+                    .bytes
+                    .fetch_add(u64::from(len).saturating_sub(VNET_HDR_LEN as u64), Relaxed);
+                ring.publish(mem, id as u16);
+                seen = seen.wrapping_add(1);
+            }
+            ring.kick();
+        }
+        Ok(())
+    })
+}
+
+/// Waits 500 ms for the stream to settle, runs `during(d)` and returns what `counts` grew by.
+fn window(
+    counts: &Counts,
+    d: Duration,
+    during: impl FnOnce(Duration) -> Result<()>,
+) -> Result<GsoFigures> {
+    std::thread::sleep(Duration::from_millis(500));
+    let ((f0, b0), t0) = (counts.now(), Instant::now());
+    during(d)?;
+    let ((f1, b1), secs) = (counts.now(), t0.elapsed().as_secs_f64());
+    Ok(GsoFigures {
+        frames: f1 - f0,
+        bytes: b1 - b0,
+        secs,
+    })
+}
+
+fn join(t: std::thread::JoinHandle<Result<()>>, what: &str) -> Result<()> {
+    t.join().map_err(|_| anyhow::anyhow!("{what} panicked"))?
+}
+
 /// Sends 64 KiB TSO frames from the guest at `tx_sock` (MAC `src`) to the guest at `rx_sock`
 /// (MAC `dst`) for `d`; `during` runs once the stream is flowing (to read CPU counters).
 pub fn measure(
@@ -166,81 +264,121 @@ pub fn measure(
     d: Duration,
     during: impl FnOnce(Duration) -> Result<()>,
 ) -> Result<GsoFigures> {
-    let mut rx = Session::good_with(rx_sock, &[0, 1], RING, F_GUEST_CSUM | F_GUEST_TSO4, MEM)
-        .context("receiver session")?;
+    let mut rx = tso_receiver(rx_sock)?;
     let tx = tso_sender(tx_sock, src, dst)?;
-    // Receiver: RING chains of one 66 KiB device-writable buffer each.
-    {
-        let Session { mem, rings, .. } = &mut rx;
-        let ring = rings.iter_mut().find(|r| r.index == 0).context("rx ring")?;
-        for i in 0..RING {
-            ring.set_desc(
-                mem,
-                i,
-                BUFS + RX_BUF * u64::from(i),
-                RX_BUF as u32,
-                DESC_WRITE,
-                0,
-            );
-            ring.publish(mem, i);
-        }
-        ring.kick();
-    }
     // One frame from the receiver first, so a learning switch knows where it is.
     let hello = testkit::vhost_driver::tx_frame(dst, 60, 0);
     rx.send_frame(1, &hello).context("receiver's hello")?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (frames, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let receiver = {
-        let (stop, frames, bytes) = (stop.clone(), frames.clone(), bytes.clone());
+    let counts = Counts::default();
+    let receiver = spawn_receiver(rx, stop.clone(), counts.clone());
+    let sender = spawn_sender(tx, stop.clone());
+    let res = window(&counts, d, during);
+    stop.store(true, Relaxed);
+    join(sender, "sender")?;
+    join(receiver, "receiver")?;
+    res
+}
+
+/// Where the host → guest injector sends from.
+pub struct HostSide {
+    /// `/run/netns/NAME` of the lab's namespace.
+    pub netns: PathBuf,
+    /// The interface to send into: the tap itself, or the far end of the veth.
+    pub ifname: String,
+    /// CPU to pin the injector to.
+    pub cpu: Option<usize>,
+}
+
+/// Sends 64 KiB TSO frames from the host side into the guest at `sock` for `d`; `during` runs
+/// once the stream is flowing.
+pub fn receive_from_host(
+    sock: &Path,
+    host: &HostSide,
+    d: Duration,
+    during: impl FnOnce(Duration) -> Result<()>,
+) -> Result<GsoFigures> {
+    let rx = tso_receiver(sock)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Counts::default();
+    let receiver = spawn_receiver(rx, stop.clone(), counts.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let injector = {
+        let (stop, netns, ifname, cpu) = (
+            stop.clone(),
+            host.netns.clone(),
+            host.ifname.clone(),
+            host.cpu,
+        );
         std::thread::spawn(move || -> Result<()> {
-            let Session { mem, rings, .. } = &mut rx;
-            let ring = rings.iter_mut().find(|r| r.index == 0).context("rx ring")?;
-            let mut seen = ring.used_idx(mem);
-            while !stop.load(Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd: ring.call.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the call.
-                unsafe { libc::poll(&mut pfd, 1, 50) };
-                let _ = ring.call.read();
-                let used = ring.used_idx(mem);
-                while seen != used {
-                    let (id, len) = ring.used_elem(mem, seen);
-                    frames.fetch_add(1, Relaxed);
-                    bytes.fetch_add(u64::from(len).saturating_sub(VNET_HDR_LEN as u64), Relaxed);
-                    ring.publish(mem, id as u16);
-                    seen = seen.wrapping_add(1);
+            let sock = match open_injector(&netns, &ifname, cpu) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
                 }
-                ring.kick();
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    let _ = ready_tx.send(Err(e));
+                    anyhow::bail!(msg);
+                }
+            };
+            // The same frame behind the 10-byte `struct virtio_net_hdr` AF_PACKET takes.
+            let full = tso_frame(gen::SRC_MAC, gen::DST_MAC);
+            let frame = [&full[..10], &full[VNET_HDR_LEN..]].concat();
+            while !stop.load(Relaxed) {
+                // SAFETY: `frame` is a live buffer of the length given.
+                let rc =
+                    unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+                if rc < 0 {
+                    // A full device queue: back off briefly.
+                    std::thread::sleep(Duration::from_micros(20));
+                }
             }
             Ok(())
         })
     };
-    let sender = spawn_sender(tx, stop.clone());
-    std::thread::sleep(Duration::from_millis(500));
-    let (f0, b0, t0) = (frames.load(Relaxed), bytes.load(Relaxed), Instant::now());
-    during(d)?;
-    let (f1, b1, secs) = (
-        frames.load(Relaxed),
-        bytes.load(Relaxed),
-        t0.elapsed().as_secs_f64(),
-    );
+    let res = match ready_rx.recv() {
+        Ok(Ok(())) => window(&counts, d, during),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!("injector thread died")),
+    };
     stop.store(true, Relaxed);
-    sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    Ok(GsoFigures {
-        frames: f1 - f0,
-        bytes: b1 - b0,
-        secs,
-    })
+    join(injector, "injector")?;
+    join(receiver, "receiver")?;
+    res
+}
+
+/// The injector's socket: AF_PACKET on `ifname` in `netns`, virtio-net headers on, qdisc
+/// bypassed; the calling thread stays in `netns`, pinned to `cpu`.
+fn open_injector(netns: &Path, ifname: &str, cpu: Option<usize>) -> Result<std::os::fd::OwnedFd> {
+    crate::sys::enter_netns(netns)?;
+    if let Some(cpu) = cpu {
+        crate::sys::pin_current_thread(cpu);
+    }
+    let fd = testkit::netns::PacketSocket::sender(ifname)
+        .with_context(|| format!("AF_PACKET socket on {ifname}"))?
+        .into_fd();
+    let one: libc::c_int = 1;
+    for (opt, what) in [
+        (libc::PACKET_VNET_HDR, "PACKET_VNET_HDR"),
+        (libc::PACKET_QDISC_BYPASS, "PACKET_QDISC_BYPASS"),
+    ] {
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context(what);
+        }
+    }
+    Ok(fd)
 }
 
 #[cfg(test)]

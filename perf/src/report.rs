@@ -39,6 +39,40 @@ fn cell(r: &Record, key: &str) -> String {
     }
 }
 
+/// The kernel floor a guest → host figure is measured against: the `writev` loop for a tap,
+/// the TX ring for AF_PACKET, same frame size, same run.
+fn floor_of<'a>(r: &Record, recs: &'a [Record]) -> Option<&'a Record> {
+    if r.direction != "guest-tx" || r.backend.starts_with("kernel-floor") {
+        return None;
+    }
+    let floor = if r.backend.ends_with("-tap") {
+        "kernel-floor-tap"
+    } else if r.backend.ends_with("-afpacket") {
+        "kernel-floor-afpacket"
+    } else {
+        return None;
+    };
+    recs.iter().find(|f| {
+        f.backend == floor
+            && f.scenario == "vmless"
+            && f.test == "throughput"
+            && f.frame_size == r.frame_size
+            && f.status == Status::Ok
+    })
+}
+
+/// `r`'s Mpps as a percentage of its kernel floor (see [`floor_of`]), or a dash.
+fn of_floor(r: &Record, recs: &[Record]) -> String {
+    match (
+        r.status,
+        r.get("mpps"),
+        floor_of(r, recs).and_then(|f| f.get("mpps")),
+    ) {
+        (Status::Ok, Some(m), Some(f)) if f > 0.0 => format!("{:.0}", 100.0 * m / f),
+        _ => "–".into(),
+    }
+}
+
 fn status_cell(r: &Record) -> String {
     match r.status {
         Status::Ok => "ok".into(),
@@ -117,6 +151,7 @@ pub fn markdown(recs: &[Record]) -> String {
                     r.frame_size.to_string(),
                     r.queues.to_string(),
                     cell(r, "mpps"),
+                    of_floor(r, recs),
                     cell(r, "gbps"),
                     cell(r, "offered_mpps"),
                     cell(r, "loss_pct"),
@@ -135,12 +170,59 @@ pub fn markdown(recs: &[Record]) -> String {
                 "frame B",
                 "queues",
                 "Mpps",
+                "% of floor",
                 "Gbit/s",
                 "offered Mpps",
                 "loss %",
                 "backend CPU %",
                 "cycles/pkt",
                 "machine busy %",
+                "status",
+            ],
+            rows,
+        );
+    }
+    let gso: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.scenario == "vmless" && r.test == "gso")
+        .collect();
+    if !gso.is_empty() {
+        let _ = writeln!(
+            o,
+            "### 64 KiB TSO frames (65014 B TCP/IPv4, gso_size 1448)\n\nguest-tx: a raw vhost-user \
+             frontend keeps 256 TSO frames in flight, Gbit/s counted by the host interface; \
+             guest-rx: an AF_PACKET sender with virtio-net headers injects them into the host \
+             interface, Gbit/s of what the guest's RX ring got. Frames/s are as counted at the \
+             receiving end (one per TSO frame when the path keeps it whole). DPDK's PMDs carry \
+             no GSO metadata, so they have no such figure.\n"
+        );
+        let rows = gso
+            .iter()
+            .map(|r| {
+                vec![
+                    r.backend.clone(),
+                    r.direction.clone(),
+                    cell(r, "gbps"),
+                    cell(r, "backend_cpu_pct"),
+                    cell(r, "gbps_per_core"),
+                    if r.direction == "guest-rx" {
+                        cell(r, "guest_frames_per_s")
+                    } else {
+                        cell(r, "host_frames_per_s")
+                    },
+                    status_cell(r),
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "backend",
+                "direction",
+                "Gbit/s",
+                "backend CPU %",
+                "Gbit/s per busy core",
+                "frames/s",
                 "status",
             ],
             rows,
@@ -400,6 +482,7 @@ pub fn markdown(recs: &[Record]) -> String {
                     r.direction.clone(),
                     r.queues.to_string(),
                     cell(r, "mpps"),
+                    cell(r, "mpps_per_core"),
                     cell(r, "loss_pct"),
                     cell(r, "backend_cpu_pct"),
                     cell(r, "cycles_per_packet"),
@@ -414,6 +497,7 @@ pub fn markdown(recs: &[Record]) -> String {
                 "direction",
                 "queues",
                 "Mpps",
+                "Mpps per busy core",
                 "loss %",
                 "backend CPU %",
                 "cycles/pkt",
@@ -505,6 +589,35 @@ fn ratios(recs: &[Record]) -> Vec<Vec<String>> {
                 a.get("ndr_mpps").unwrap_or(0.0),
                 b.get("ndr_mpps").unwrap_or(0.0),
             );
+        }
+    }
+    // vmless guest-tx against the kernel floors.
+    for (ours, floor) in [
+        ("vhost-pump-tap", "kernel-floor-tap"),
+        ("dpdk-vhost-tap", "kernel-floor-tap"),
+        ("vhost-pump-tap", "kernel-floor-tap-uring"),
+        ("vhost-pump-afpacket", "kernel-floor-afpacket"),
+        ("dpdk-vhost-afpacket", "kernel-floor-afpacket"),
+    ] {
+        for (dir, size) in keys.iter().filter(|(d, _)| d == "guest-tx") {
+            let pick = |b: &str| {
+                find(recs, |r| {
+                    r.scenario == "vmless"
+                        && r.test == "throughput"
+                        && r.queues == 1
+                        && r.backend == b
+                        && &r.direction == dir
+                        && r.frame_size == *size
+                })
+            };
+            if let (Some(a), Some(b)) = (pick(ours), pick(floor)) {
+                push(
+                    format!("vmless {dir} {size} B: {ours} ÷ {floor}"),
+                    "Mpps",
+                    a.get("mpps").unwrap_or(0.0),
+                    b.get("mpps").unwrap_or(0.0),
+                );
+            }
         }
     }
     // guest-tcp.

@@ -8,9 +8,11 @@
 //! - NDR (guest RX only): binary search on the generator's offered rate for the highest rate
 //!   with zero loss. testpmd's txonly has no rate limit, so there is no NDR for guest TX.
 //!
-//! - guest TX of 64 KiB TSO frames (vhost-pump backends): a raw vhost-user frontend keeps 256
-//!   TSO frames in flight (see [`crate::gso`]); Gbit/s of what the host interface received.
-//!   DPDK's backends have no GSO path here: their PMDs carry no GSO metadata.
+//! - 64 KiB TSO frames (vhost-pump backends), both ways (see [`crate::gso`]): guest → host, a
+//!   raw vhost-user frontend keeps 256 TSO frames in flight, Gbit/s of what the host interface
+//!   received; host → guest, an AF_PACKET sender with virtio-net headers injects them into the
+//!   host interface's far side, Gbit/s of what a raw frontend's RX ring got. DPDK's backends
+//!   have no GSO path here: their PMDs carry no GSO metadata.
 //!
 //! Backends in the same run, same pinning: the kernel floors (write loops with no virtqueue
 //! into a tap by `writev` and by io_uring, and into an AF_PACKET TX ring on a veth; see
@@ -68,12 +70,13 @@ pub fn planned(opts: &RunOpts) -> u64 {
         .filter(|b| b.starts_with("kernel-floor") && wanted(b))
         .count() as u64;
     let floor = floors * sizes;
-    // One 64 KiB TSO figure per vhost-pump backend and queue count.
+    // Two 64 KiB TSO figures (both directions) per vhost-pump backend and queue count.
     let gso = BACKENDS
         .iter()
         .filter(|b| b.starts_with("vhost-pump") && wanted(b))
         .count() as u64
-        * opts.queues.len() as u64;
+        * opts.queues.len() as u64
+        * 2;
     n_backends * opts.queues.len() as u64 * (2 * sizes + ndr) + floor + gso
 }
 
@@ -619,13 +622,80 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
             Ok(())
         });
         if let Err(e) = res {
-            r.fail(Status::Failed, format!("{e:#}"));
+            gso_failed(&mut r, &e);
+        }
+        lab.record(r);
+
+        // 64 KiB TSO frames host → guest: injected into the host interface's far side.
+        lab.status(format!("{} {backend} guest-rx 64 KiB TSO", plan.scenario));
+        let mut r = base_record(
+            plan,
+            "gso",
+            backend,
+            "guest-rx",
+            crate::gso::FRAME_LEN as u32,
+            queues,
+        );
+        r.duration_s = d.as_secs_f64();
+        let host = crate::gso::HostSide {
+            netns: std::path::Path::new("/run/netns").join(ns.name()),
+            ifname: be.host_if.clone(),
+            cpu: Some(lab.cpus.generator),
+        };
+        let mut cmds = setup.clone();
+        cmds.push(format!(
+            "AF_PACKET sender (PACKET_VNET_HDR, qdisc bypass) on {} in {}, pinned to CPU {}: \
+             TCP/IPv4 TSO frames of 65014 B as fast as it can; raw vhost-user frontend \
+             (GUEST_CSUM+GUEST_TSO4, 256 buffers of 66 KiB) counting what the guest got",
+            host.ifname,
+            host.netns.display(),
+            lab.cpus.generator
+        ));
+        r.commands = cmds;
+        let res = crate::gso::receive_from_host(&sock, &host, d, |d| {
+            let u0 = Usage::now(&be.pids);
+            std::thread::sleep(d);
+            let u = Usage::now(&be.pids).since(&u0);
+            r.metric("backend_cpu_pct", u.cpu_pct);
+            Ok(())
+        });
+        match res {
+            Ok(g) if g.frames > 0 => {
+                let gbps = g.bytes as f64 * 8.0 / g.secs / 1e9;
+                r.metric("gbps", gbps);
+                let cpu = r.metrics.get("backend_cpu_pct").copied().unwrap_or(0.0);
+                if cpu > 0.0 {
+                    r.metric("gbps_per_core", gbps / (cpu / 100.0));
+                }
+                r.metric("guest_frames_per_s", g.frames as f64 / g.secs);
+            }
+            Ok(_) => {
+                r.fail(Status::Failed, "no frame reached the guest");
+            }
+            Err(e) => gso_failed(&mut r, &e),
         }
         lab.record(r);
     }
     drop(be);
     drop(ns);
     Ok(())
+}
+
+/// Records why a TSO figure could not be taken: a port that does not offer the offloads (an
+/// AF_PACKET port on a veth with TSO off, as DPDK's PMD needs it) is unavailable, not broken.
+fn gso_failed(r: &mut Record, e: &anyhow::Error) {
+    let msg = format!("{e:#}");
+    if msg.contains("features") && msg.contains("lack") {
+        r.fail(
+            Status::Unavailable,
+            format!(
+                "the port does not offer TSO here ({msg}); for AF_PACKET on the lab's veth, \
+                 run with VHOST_PUMP_PERF_VETH_OFFLOADS=on"
+            ),
+        );
+    } else {
+        r.fail(Status::Failed, msg);
+    }
 }
 
 fn gen_config(lab: &Lab, ns: &Netns, be: &Running, size: u32, rate: Option<f64>) -> GenConfig {
@@ -657,6 +727,11 @@ fn fill(lab: &Lab, r: &mut Record, packets: u64, offered: u64, u: sys::UsageDelt
             "cycles_per_packet",
             u.cpu_s * lab.machine.cpu_mhz * 1e6 / packets as f64,
         );
+    }
+    // Frames per busy core: what the backend would move if each of its busy cores were given
+    // to it whole (the scaling figure: aggregate Mpps over the cores it kept busy).
+    if u.cpu_pct > 0.0 {
+        r.metric("mpps_per_core", pps / 1e6 / (u.cpu_pct / 100.0));
     }
 }
 

@@ -148,6 +148,7 @@ fn tiny_suite_writes_records_table_and_plots() {
         .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
         .collect();
     let mut seen = std::collections::BTreeSet::new();
+    let mut gso_rx = 0;
     for r in &recs {
         for k in [
             "scenario",
@@ -203,6 +204,10 @@ fn tiny_suite_writes_records_table_and_plots() {
                 "cycles_per_packet",
             ],
             ("vmless", "ndr") => &["ndr_mpps", "generator_max_mpps"],
+            ("vmless", "gso") if r["direction"] == "guest-rx" => {
+                gso_rx += 1;
+                &["gbps", "backend_cpu_pct", "guest_frames_per_s"]
+            }
             ("vmless", "gso") => &["gbps", "backend_cpu_pct", "host_frames_per_s"],
             ("guest-tcp", "tcp") => &["gbps", "backend_cpu_pct", "host_cpu_pct"],
             ("guest-tcp", "ping") => &["rtt_p50_us", "rtt_p99_us"],
@@ -217,6 +222,10 @@ fn tiny_suite_writes_records_table_and_plots() {
             );
         }
     }
+    assert_eq!(
+        gso_rx, 1,
+        "one host → guest TSO record expected; records:\n{text}"
+    );
     for kind in [
         ("vmless", "throughput"),
         ("vmless", "ndr"),
