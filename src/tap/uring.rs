@@ -10,16 +10,20 @@
 //!
 //! **Sandbox.** io_uring requests are not seen by seccomp, so the ring is locked down before a
 //! worker ever holds it: it is created disabled by the privileged thread that opens the port,
-//! with the queue's tap fd as its only registered file, then restricted to `WRITEV` requests
-//! that must name a registered file (`IOSQE_FIXED_FILE`), with no further `io_uring_register`
-//! operation allowed, and only then enabled. The worker's seccomp filter allows
-//! `io_uring_enter` and not `io_uring_setup` or `io_uring_register`: a worker thread taken
-//! over could use the ring to write into its own tap, which it can do anyway.
+//! restricted to `WRITEV` requests with no request flags and no further `io_uring_register`
+//! operation, and only then enabled. The worker's seccomp filter allows `io_uring_enter` and
+//! not `io_uring_setup` or `io_uring_register`: a worker thread taken over could use the ring
+//! for `writev` on its own descriptors, which seccomp lets it do directly anyway.
+//!
+//! The tap fd is not a registered ("fixed") file on purpose: the ring's file table is torn
+//! down asynchronously after the ring is closed, so a registered tap stayed attached for a
+//! moment after the port (or the process) was gone, and a daemon restarted at once could not
+//! attach its tap again (`EBUSY`).
 
 use std::io;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
+use io_uring::{opcode, register::Restriction, types, IoUring};
 use vhost_net_backend::TxDrops;
 
 /// Requests in flight at most: a burst is at most 32 frames; more are submitted early.
@@ -32,6 +36,8 @@ const RETRIES: u32 = 1000;
 
 /// A queue's io_uring and the requests of the burst in flight.
 pub struct UringTx {
+    /// The tap queue fd, owned by the queue.
+    tap: RawFd,
     ring: IoUring,
     /// The iovecs of the queued requests; never grows past its capacity while any is queued
     /// (the requests point into it).
@@ -56,15 +62,13 @@ impl UringTx {
     pub fn new(tap: RawFd) -> io::Result<Self> {
         let ring = IoUring::builder().setup_r_disabled().build(ENTRIES)?;
         let sub = ring.submitter();
-        sub.register_files(&[tap])?;
-        let fixed = squeue::Flags::FIXED_FILE.bits();
         sub.register_restrictions(&mut [
             Restriction::sqe_op(opcode::Writev::CODE),
-            Restriction::sqe_flags_allowed(fixed),
-            Restriction::sqe_flags_required(fixed),
+            Restriction::sqe_flags_allowed(0),
         ])?;
         sub.register_enable_rings()?;
         Ok(UringTx {
+            tap,
             ring,
             iovs: Vec::with_capacity(ARENA),
             lens: Vec::with_capacity(ENTRIES as usize),
@@ -95,7 +99,7 @@ impl UringTx {
             .fold(0usize, usize::saturating_add);
         // u32: at most 1024 iovecs per frame (checked by the caller).
         let sqe = opcode::Writev::new(
-            types::Fixed(0),
+            types::Fd(self.tap),
             self.iovs[start..].as_ptr(),
             iov.len() as u32,
         )
@@ -195,6 +199,7 @@ impl UringTx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use io_uring::squeue;
     use std::os::fd::AsRawFd;
 
     /// A pipe stands in for the tap: `writev` works on it the same way.
@@ -278,19 +283,20 @@ mod tests {
     }
 
     #[test]
-    fn the_ring_refuses_any_other_file_or_request() {
+    fn the_ring_refuses_other_requests_flags_and_registrations() {
         let (_r, w) = pipe();
         let Some(mut u) = ring(&w) else {
             return;
         };
         let f = [1u8; 8];
         let v = [iov(&f)];
-        let (_r2, other) = pipe();
-        // A write naming a plain fd instead of the registered one, and a read.
         let mut buf = [0u8; 8];
+        // A read, and a write with a request flag (linked to the next request).
         let bad = [
-            opcode::Writev::new(types::Fd(other.as_raw_fd()), v.as_ptr(), 1).build(),
-            opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 8).build(),
+            opcode::Read::new(types::Fd(w.as_raw_fd()), buf.as_mut_ptr(), 8).build(),
+            opcode::Writev::new(types::Fd(w.as_raw_fd()), v.as_ptr(), 1)
+                .build()
+                .flags(squeue::Flags::IO_LINK),
         ];
         for sqe in &bad {
             // SAFETY: the request's buffers outlive the wait below.
@@ -299,11 +305,7 @@ mod tests {
             let c = u.ring.completion().next().unwrap();
             assert_eq!(c.result(), -libc::EACCES, "restricted request");
         }
-        // Registering anything more is refused too.
-        assert!(u
-            .ring
-            .submitter()
-            .register_files_update(0, &[other.as_raw_fd()])
-            .is_err());
+        // Registering anything is refused too.
+        assert!(u.ring.submitter().register_files(&[w.as_raw_fd()]).is_err());
     }
 }
