@@ -4,7 +4,7 @@
 //! the kernel took. The `vmless` scenario reports each as a backend of its own next to the
 //! real backends, so every guest → host figure can be read as a fraction of its floor:
 //! - `kernel-floor-tap`: `writev` of a zeroed 12-byte virtio-net header and the frame into a
-//!   tap, one system call per frame (what a tap backend does today);
+//!   tap, one system call per frame (what a backend writing frame by frame does);
 //! - `kernel-floor-tap-uring`: the same `writev`s submitted [`URING_BATCH`] at a time through
 //!   io_uring, one system call per batch: the only batched way into a tap the kernel offers,
 //!   measured to see whether a backend could go past the `writev` floor;
@@ -51,14 +51,11 @@ pub enum Method {
     TxRing,
 }
 
-/// The frame written: broadcast, from a locally administered address, experimental
-/// EtherType, padded to `len` (at least 60) bytes.
+/// The frame written: the lab generator's UDP/IPv4 frame of `len` (at least 60) bytes, to a
+/// unicast address that is not the receiving interface's, as testpmd's `txonly` sends: the
+/// kernel drops it where it drops the backends' frames, so the floors cost what theirs do.
 fn frame(len: usize) -> Vec<u8> {
-    let mut f = vec![0xffu8; 6];
-    f.extend_from_slice(&[0x02, 0x70, 0x66, 0, 0, 1]);
-    f.extend_from_slice(&0x88b5u16.to_be_bytes());
-    f.resize(len.max(60), 0x5a);
-    f
+    crate::gen::build_frame(len, 1024)
 }
 
 /// Writes `frame_len`-byte frames into `port` by `method` for `secs` seconds; prints how many

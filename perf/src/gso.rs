@@ -6,7 +6,7 @@
 //!   frame with a TSO header (`gso_size` 1448, partial checksum);
 //! - host → guest ([`receive_from_host`]): a thread in the lab's namespace sends the same frame,
 //!   virtio-net header first (`PACKET_VNET_HDR`), into the host interface through AF_PACKET,
-//!   as a GSO packet the kernel keeps whole where the path allows it.
+//!   as a GSO packet the kernel keeps whole where the path allows it (and segments where not).
 //!
 //! The receiving guest acks `GUEST_CSUM` + `GUEST_TSO4` without mergeable buffers, so it posts
 //! 66 KiB buffers, and waits for interrupts between batches. The figure is what it got, in
@@ -349,8 +349,9 @@ pub fn receive_from_host(
     res
 }
 
-/// The injector's socket: AF_PACKET on `ifname` in `netns`, virtio-net headers on, qdisc
-/// bypassed; the calling thread stays in `netns`, pinned to `cpu`.
+/// The injector's socket: AF_PACKET on `ifname` in `netns`, virtio-net headers on; the calling
+/// thread stays in `netns`, pinned to `cpu`. Through the qdisc, not past it: on an interface
+/// with TSO off, only the qdisc path segments a GSO packet, past it the kernel drops it.
 fn open_injector(netns: &Path, ifname: &str, cpu: Option<usize>) -> Result<std::os::fd::OwnedFd> {
     crate::sys::enter_netns(netns)?;
     if let Some(cpu) = cpu {
@@ -360,10 +361,7 @@ fn open_injector(netns: &Path, ifname: &str, cpu: Option<usize>) -> Result<std::
         .with_context(|| format!("AF_PACKET socket on {ifname}"))?
         .into_fd();
     let one: libc::c_int = 1;
-    for (opt, what) in [
-        (libc::PACKET_VNET_HDR, "PACKET_VNET_HDR"),
-        (libc::PACKET_QDISC_BYPASS, "PACKET_QDISC_BYPASS"),
-    ] {
+    for (opt, what) in [(libc::PACKET_VNET_HDR, "PACKET_VNET_HDR")] {
         // SAFETY: setsockopt with a pointer to a live c_int and its size.
         let rc = unsafe {
             libc::setsockopt(

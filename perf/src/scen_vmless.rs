@@ -644,7 +644,7 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
         };
         let mut cmds = setup.clone();
         cmds.push(format!(
-            "AF_PACKET sender (PACKET_VNET_HDR, qdisc bypass) on {} in {}, pinned to CPU {}: \
+            "AF_PACKET sender (PACKET_VNET_HDR) on {} in {}, pinned to CPU {}: \
              TCP/IPv4 TSO frames of 65014 B as fast as it can; raw vhost-user frontend \
              (GUEST_CSUM+GUEST_TSO4, 256 buffers of 66 KiB) counting what the guest got",
             host.ifname,
