@@ -475,10 +475,31 @@ impl GuestMem {
             .collect()
     }
 
-    /// Reads a little-endian u16 at `gpa`.
+    /// Reads a little-endian u16 at `gpa`, in one load when it is aligned (ring indexes are):
+    /// read byte by byte, an index the device is updating could be seen half old, half new.
     pub fn read_u16(&self, gpa: u64) -> u16 {
+        let off = self.check(gpa, 2);
+        if off % 2 == 0 {
+            // SAFETY: bounds checked above, 2-byte aligned; the mapping lives as long as
+            // `self`, and the other side only accesses the field whole.
+            let a = unsafe { &*self.ptr.add(off).cast::<std::sync::atomic::AtomicU16>() };
+            return u16::from_le(a.load(Ordering::Acquire));
+        }
         let b = self.read(gpa, 2);
         u16::from_le_bytes([b[0], b[1]])
+    }
+
+    /// Writes a little-endian u16 at `gpa`, in one store when it is aligned (see
+    /// [`GuestMem::read_u16`]).
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        let off = self.check(gpa, 2);
+        if off % 2 == 0 {
+            // SAFETY: as in `read_u16`.
+            let a = unsafe { &*self.ptr.add(off).cast::<std::sync::atomic::AtomicU16>() };
+            a.store(v.to_le(), Ordering::Release);
+            return;
+        }
+        self.write(gpa, &v.to_le_bytes());
     }
 
     /// Fills the whole memory with `byte`.
@@ -612,7 +633,7 @@ impl Ring {
         mem.write(slot, &head.to_le_bytes());
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
-        mem.write(self.avail + 2, &self.avail_idx.to_le_bytes());
+        mem.write_u16(self.avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
     }
 
@@ -620,7 +641,7 @@ impl Ring {
     pub fn set_avail_idx(&mut self, mem: &GuestMem, idx: u16) {
         self.avail_idx = idx;
         fence(Ordering::SeqCst);
-        mem.write(self.avail + 2, &idx.to_le_bytes());
+        mem.write_u16(self.avail + 2, idx);
         fence(Ordering::SeqCst);
     }
 
