@@ -158,10 +158,18 @@ impl UringTx {
             } else {
                 self.ring.submit_and_wait(n - done)
             };
+            // Out of kernel resources for the moment (EAGAIN, EBUSY) or nothing submitted:
+            // try again, a bounded number of times; anything else ends the ring.
+            let transient =
+                |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY));
             match r {
                 Ok(k) if k > 0 || unsubmitted == 0 => tries = 0,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Ok(_) | Err(_) if tries < RETRIES => {
+                Ok(_) if tries < RETRIES => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) if transient(&e) && tries < RETRIES => {
                     tries += 1;
                     std::thread::yield_now();
                 }
