@@ -66,8 +66,9 @@ pub trait HostQueue: Send {
 
     /// True when [`HostQueue::flush`] must run while the burst's TX buffers are still the
     /// device's (before the guest gets them back), because `send` kept pointers into them and
-    /// `flush` reads them (a switch that copies frames straight into another guest). The iovecs
-    /// `send` was given stay valid until `flush` returns. Default: false (the guest gets its
+    /// `flush` reads them (a switch that copies frames straight into another guest, a tap
+    /// written through io_uring). The iovecs `send` was given stay valid, and the bytes behind
+    /// them unchanged, until `flush` returns. Default: false (the guest gets its
     /// buffers back first, and `send` must not keep them).
     fn flush_before_release(&self) -> bool {
         false
