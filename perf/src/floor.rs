@@ -168,20 +168,7 @@ fn tx_ring_loop(ifname: &str, frame: &[u8], end: Instant) -> Result<u64> {
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     let fd = sock.as_raw_fd();
     let set = |opt: libc::c_int, val: &libc::c_int, what: &str| -> Result<()> {
-        // SAFETY: setsockopt reads one int we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_PACKET,
-                opt,
-                (val as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error()).context(what.to_string());
-        }
-        Ok(())
+        crate::sys::setsockopt(fd, libc::SOL_PACKET, opt, val).context(what.to_string())
     };
     set(libc::PACKET_VERSION, &TPACKET_V2, "PACKET_VERSION")?;
     set(libc::PACKET_VNET_HDR, &1, "PACKET_VNET_HDR")?;
@@ -192,19 +179,8 @@ fn tx_ring_loop(ifname: &str, frame: &[u8], end: Instant) -> Result<u64> {
         tp_frame_size: RING_SLOT as u32,
         tp_frame_nr: (RING_BLOCKS * RING_BLOCK / RING_SLOT) as u32,
     };
-    // SAFETY: setsockopt reads the tpacket_req we own.
-    if unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_TX_RING,
-            (&req as *const libc::tpacket_req).cast(),
-            std::mem::size_of::<libc::tpacket_req>() as libc::socklen_t,
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error()).context("PACKET_TX_RING");
-    }
+    crate::sys::setsockopt(fd, libc::SOL_PACKET, libc::PACKET_TX_RING, &req)
+        .context("PACKET_TX_RING")?;
     let bytes = RING_BLOCKS * RING_BLOCK;
     // SAFETY: maps the ring the kernel just allocated for this socket; unmapped below.
     let map = unsafe {

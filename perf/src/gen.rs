@@ -151,28 +151,19 @@ fn open(cfg: &GenConfig) -> Result<OwnedFd> {
             )
         })?
         .into_fd();
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    let sndbuf: libc::c_int = 4 << 20;
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&sndbuf as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // Best effort: without them the generator still sends, only slower.
+    let _ = crate::sys::setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_QDISC_BYPASS,
+        &1,
+    );
+    let _ = crate::sys::setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        &(4 << 20),
+    );
     Ok(fd)
 }
 

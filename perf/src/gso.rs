@@ -360,20 +360,8 @@ fn open_injector(netns: &Path, ifname: &str, cpu: Option<usize>) -> Result<std::
     let fd = testkit::netns::PacketSocket::sender(ifname)
         .with_context(|| format!("AF_PACKET socket on {ifname}"))?
         .into_fd();
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VNET_HDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("PACKET_VNET_HDR");
-    }
+    crate::sys::setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, &1)
+        .context("PACKET_VNET_HDR")?;
     Ok(fd)
 }
 

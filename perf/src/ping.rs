@@ -53,16 +53,8 @@ pub fn ping(
                 tv_sec: 0,
                 tv_usec: 100_000,
             };
-            // SAFETY: setsockopt with a pointer to a live timeval and its size.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                );
-            }
+            let _ =
+                crate::sys::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
             // SAFETY: sockaddr_in is plain data.
             let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             sa.sin_family = libc::AF_INET as u16;

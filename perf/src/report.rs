@@ -52,13 +52,7 @@ fn floor_of<'a>(r: &Record, recs: &'a [Record]) -> Option<&'a Record> {
     } else {
         return None;
     };
-    recs.iter().find(|f| {
-        f.backend == floor
-            && f.scenario == "vmless"
-            && f.test == "throughput"
-            && f.frame_size == r.frame_size
-            && f.status == Status::Ok
-    })
+    vmless_throughput(recs, floor, "guest-tx", r.frame_size)
 }
 
 /// `r`'s Mpps as a percentage of its kernel floor (see [`floor_of`]), or a dash.
@@ -526,6 +520,23 @@ fn find(recs: &[Record], pred: impl Fn(&Record) -> bool) -> Option<&Record> {
     recs.iter().find(|r| r.status == Status::Ok && pred(r))
 }
 
+/// The good vmless throughput record of `backend` for `dir` and `size`, one queue pair.
+fn vmless_throughput<'a>(
+    recs: &'a [Record],
+    backend: &str,
+    dir: &str,
+    size: u32,
+) -> Option<&'a Record> {
+    find(recs, |r| {
+        r.scenario == "vmless"
+            && r.test == "throughput"
+            && r.queues == 1
+            && r.backend == backend
+            && r.direction == dir
+            && r.frame_size == size
+    })
+}
+
 /// Rows of (comparison, figure, ours, reference, ratio).
 fn ratios(recs: &[Record]) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
@@ -553,16 +564,7 @@ fn ratios(recs: &[Record]) -> Vec<Vec<String>> {
         ("vhost-pump-afpacket", "dpdk-vhost-afpacket"),
     ] {
         for (dir, size) in &keys {
-            let pick = |b: &str| {
-                find(recs, |r| {
-                    r.scenario == "vmless"
-                        && r.test == "throughput"
-                        && r.queues == 1
-                        && r.backend == b
-                        && &r.direction == dir
-                        && r.frame_size == *size
-                })
-            };
+            let pick = |b: &str| vmless_throughput(recs, b, dir, *size);
             if let (Some(a), Some(b)) = (pick(ours), pick(theirs)) {
                 let what = format!("vmless {dir} {size} B: {ours} ÷ {theirs}");
                 push(
@@ -600,16 +602,7 @@ fn ratios(recs: &[Record]) -> Vec<Vec<String>> {
         ("dpdk-vhost-afpacket", "kernel-floor-afpacket"),
     ] {
         for (dir, size) in keys.iter().filter(|(d, _)| d == "guest-tx") {
-            let pick = |b: &str| {
-                find(recs, |r| {
-                    r.scenario == "vmless"
-                        && r.test == "throughput"
-                        && r.queues == 1
-                        && r.backend == b
-                        && &r.direction == dir
-                        && r.frame_size == *size
-                })
-            };
+            let pick = |b: &str| vmless_throughput(recs, b, dir, *size);
             if let (Some(a), Some(b)) = (pick(ours), pick(floor)) {
                 push(
                     format!("vmless {dir} {size} B: {ours} ÷ {floor}"),

@@ -582,22 +582,17 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
         && !sys::interrupted()
     {
         lab.status(format!("{} {backend} guest-tx 64 KiB TSO", plan.scenario));
-        let mut r = base_record(
+        let mut r = gso_record(
             plan,
-            "gso",
             backend,
             "guest-tx",
-            crate::gso::FRAME_LEN as u32,
             queues,
-        );
-        r.duration_s = d.as_secs_f64();
-        let mut cmds = setup.clone();
-        cmds.push(
+            d,
+            &setup,
             "raw vhost-user frontend (CSUM+HOST_TSO4) keeping 256 TCP/IPv4 TSO frames of 65014 B \
              in flight; bytes counted by the host interface"
                 .to_string(),
         );
-        r.commands = cmds;
         let sock = daemon::socket(lab, &format!("vmless-{backend}"));
         let res = crate::gso::send_to_host(&sock, || {
             let c0 = ns.counters(&be.host_if)?;
@@ -628,30 +623,27 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
 
         // 64 KiB TSO frames host → guest: injected into the host interface's far side.
         lab.status(format!("{} {backend} guest-rx 64 KiB TSO", plan.scenario));
-        let mut r = base_record(
-            plan,
-            "gso",
-            backend,
-            "guest-rx",
-            crate::gso::FRAME_LEN as u32,
-            queues,
-        );
-        r.duration_s = d.as_secs_f64();
         let host = crate::gso::HostSide {
             netns: std::path::Path::new("/run/netns").join(ns.name()),
             ifname: be.host_if.clone(),
             cpu: Some(lab.cpus.generator),
         };
-        let mut cmds = setup.clone();
-        cmds.push(format!(
-            "AF_PACKET sender (PACKET_VNET_HDR) on {} in {}, pinned to CPU {}: \
-             TCP/IPv4 TSO frames of 65014 B as fast as it can; raw vhost-user frontend \
-             (GUEST_CSUM+GUEST_TSO4, 256 buffers of 66 KiB) counting what the guest got",
-            host.ifname,
-            host.netns.display(),
-            lab.cpus.generator
-        ));
-        r.commands = cmds;
+        let mut r = gso_record(
+            plan,
+            backend,
+            "guest-rx",
+            queues,
+            d,
+            &setup,
+            format!(
+                "AF_PACKET sender (PACKET_VNET_HDR) on {} in {}, pinned to CPU {}: \
+                 TCP/IPv4 TSO frames of 65014 B as fast as it can; raw vhost-user frontend \
+                 (GUEST_CSUM+GUEST_TSO4, 256 buffers of 66 KiB) counting what the guest got",
+                host.ifname,
+                host.netns.display(),
+                lab.cpus.generator
+            ),
+        );
         let res = crate::gso::receive_from_host(&sock, &host, d, |d| {
             let u0 = Usage::now(&be.pids);
             std::thread::sleep(d);
@@ -679,6 +671,31 @@ fn run_backend(lab: &mut Lab, backend: &str, queues: u32, mtu: u32, plan: &Plan)
     drop(be);
     drop(ns);
     Ok(())
+}
+
+/// A 64 KiB TSO record of `backend` in direction `dir`: the scenario's setup commands, then
+/// `how` the frames were sent.
+fn gso_record(
+    plan: &Plan,
+    backend: &str,
+    dir: &str,
+    queues: u32,
+    d: Duration,
+    setup: &[String],
+    how: String,
+) -> Record {
+    let mut r = base_record(
+        plan,
+        "gso",
+        backend,
+        dir,
+        crate::gso::FRAME_LEN as u32,
+        queues,
+    );
+    r.duration_s = d.as_secs_f64();
+    r.commands = setup.to_vec();
+    r.commands.push(how);
+    r
 }
 
 /// Records why a TSO figure could not be taken: a port that does not offer the offloads (an
